@@ -1,0 +1,5 @@
+import sys
+
+from remax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,583 @@
+"""The ``remax`` command: a thin layer over the Python API.
+
+Each sub-command parses its flags, calls one library function, and formats the result. Every handler imports its
+library code lazily so that ``remax --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("remax")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class CLIError(Exception):
+    """An error to show the user as one line, without a traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax models / remax config
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_models_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the model presets with measured parameters and MACs")
+    p.add_argument("presets", nargs="*", metavar="PRESET", help="only these presets (default: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--preset", action="append", default=[], help="only these presets (repeatable)")
+    p.add_argument("--no-macs", action="store_true", help="skip the MAC count (faster)")
+    p.set_defaults(func=_cmd_models)
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from remax.models.summary import format_model_table, summarize_presets
+
+    try:
+        rows = summarize_presets([*args.presets, *args.preset] or None, count_macs=not args.no_macs)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_model_table(rows))
+    return 0
+
+
+def _add_config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print or save a preset's full configuration")
+    csub = p.add_subparsers(dest="config_cmd", required=True)
+    show = csub.add_parser("show", help="print the resolved config of a preset as YAML")
+    show.add_argument("preset", help="model preset, e.g. nano, remax_t, kmax_r50")
+    show.add_argument("--data", default=None, help="data preset: synthetic, coco, cityscapes, ade20k, custom")
+    show.add_argument("--baseline", action="store_true", help="the kMaX-DeepLab baseline recipe (ReMaX off)")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    show.set_defaults(func=_cmd_config_show)
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from remax.config import get_config
+
+    cfg = get_config(args.preset, data=args.data, baseline=args.baseline).override(args.overrides)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax data ...
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_data_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data set tools: synth, check, convert")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    # Owned by the data package (remax/data); see _cmd_data_* below.
+    _add_data_subparsers(dsub)
+
+
+def _add_data_subparsers(dsub: argparse._SubParsersAction) -> None:
+    synth = dsub.add_parser("synth", help="write the built-in synthetic data set in COCO-panoptic format")
+    synth.add_argument("--out", required=True, help="data set root to create (ROOT/annotations, ROOT/train, ...)")
+    synth.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    synth.add_argument("--val", type=int, default=50, help="validation images (default 50)")
+    synth.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give byte-identical files")
+    synth.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image format (default jpg)")
+    synth.set_defaults(func=_cmd_data_synth)
+
+    check = dsub.add_parser("check", help="report every problem of a COCO-panoptic data set (exit 1 if any)")
+    check.add_argument("root", nargs="?", default=None,
+                       help="data set root in COCO layout (ROOT/annotations/panoptic_{split}.json, ...)")
+    check.add_argument("--split", default=None, help="only this split (default: every annotations/panoptic_*.json)")
+    check.add_argument("--json-file", default=None, help="explicit annotation JSON (other layouts)")
+    check.add_argument("--png-dir", default=None, help="explicit panoptic PNG folder (default: JSON path minus .json)")
+    check.add_argument("--image-dir", default=None, help="explicit image folder")
+    check.add_argument("--json", dest="report", default=None, metavar="FILE",
+                       help="also write the problems as a JSON list of {file, message} to FILE")
+    check.add_argument("--headers-only", action="store_true",
+                       help="read image headers only (faster; misses truncated image data)")
+    check.set_defaults(func=_cmd_data_check)
+
+    conv = dsub.add_parser("convert", help="convert Cityscapes or ADE20K to COCO-panoptic format")
+    csub = conv.add_subparsers(dest="dataset", required=True)
+    cs = csub.add_parser("cityscapes", help="from gtFine/*_instanceIds.png (official panoptic rules)")
+    cs.add_argument("src", help="Cityscapes root holding gtFine/ and leftImg8bit/")
+    cs.add_argument("--out", required=True, help="output data set root")
+    cs.add_argument("--splits", nargs="+", default=["train", "val"], help="splits (default: train val)")
+    cs.add_argument("--use-train-id", action="store_true", help="category ids = trainIds (default: labelIds)")
+    cs.add_argument("--images", choices=("link", "copy", "none"), default="link",
+                    help="make OUT/{split} a symlink to leftImg8bit/{split} (default), a copy, or nothing")
+    cs.set_defaults(func=_cmd_data_convert)
+    ade = csub.add_parser("ade20k", help="from the semantic PNGs + annotations_instance (Mask2Former convention)")
+    ade.add_argument("src", help="the ADEChallengeData2016 folder (images/, annotations/)")
+    ade.add_argument("--mapping", required=True, help="ade20k_instance_catid_mapping.txt (instance -> 150 classes)")
+    ade.add_argument("--instance-dir", default=None,
+                     help="annotations_instance folder (default: SRC/annotations_instance or beside SRC)")
+    ade.add_argument("--out", required=True, help="output data set root")
+    ade.add_argument("--splits", nargs="+", default=["training", "validation"],
+                     help="splits (default: training validation)")
+    ade.add_argument("--images", choices=("link", "copy", "none"), default="link",
+                     help="make OUT/{split} a symlink to images/{split} (default), a copy, or nothing")
+    ade.add_argument("--stale-stuff-areas", action="store_true",
+                     help="write the reference script's stuff areas (counted before things overwrite stuff)")
+    ade.set_defaults(func=_cmd_data_convert)
+
+
+def _progress_bar(total: int | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=None)
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from remax.data.synthetic import write_synthetic_dataset
+
+    for name in ("train", "val", "size"):
+        if getattr(args, name) < (1 if name == "size" else 0):
+            raise CLIError(f"--{name} must be {'positive' if name == 'size' else 'non-negative'}")
+    start = time.perf_counter()
+    with _progress_bar(args.train + args.val, "synth") as bar:
+        write_synthetic_dataset(args.out, args.train, args.val, size=args.size, seed=args.seed,
+                                image_format=args.format, progress=bar.update)
+    seconds = time.perf_counter() - start
+    n = args.train + args.val
+    print(f"wrote {n} images to {args.out} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} images/s)")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remax.data.coco_panoptic import DatasetError, dataset_paths
+    from remax.data.io import load_json
+    from remax.data.validate import check_dataset, find_splits
+
+    explicit = args.json_file or args.png_dir or args.image_dir
+    if args.root is None and not args.json_file:
+        raise CLIError("give a data set ROOT or --json-file (with --image-dir)")
+    try:
+        if explicit or args.split:
+            targets = [dataset_paths(args.root, args.split or "", json_file=args.json_file, png_dir=args.png_dir,
+                                     image_dir=args.image_dir)]
+        else:
+            splits = find_splits(args.root)
+            if not splits:
+                raise CLIError(f"{Path(args.root) / 'annotations'}: no panoptic_<split>.json found")
+            targets = [dataset_paths(args.root, s) for s in splits]
+    except DatasetError as exc:
+        raise CLIError(str(exc)) from exc
+    problems = []
+    for p in targets:
+        try:
+            total = len(load_json(p.json_file).get("annotations", []))
+        except Exception:  # the checker reports the unreadable JSON itself
+            total = None
+        with _progress_bar(total, f"check {p.json_file.name}") as bar:
+            found = check_dataset(p.json_file, p.png_dir, p.image_dir, progress=bar.update,
+                                  check_images=not args.headers_only)
+        problems += found
+        print(f"{p.json_file}: {total if total is not None else '?'} images, {len(found)} problem(s)")
+    for problem in problems:
+        print(f"  {problem}")
+    if args.report:
+        Path(args.report).write_text(json.dumps([pr.to_dict() for pr in problems], indent=1) + "\n",
+                                     encoding="utf-8")
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print("no problems found")
+    return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    from remax.data.coco_panoptic import DatasetError
+
+    with _progress_bar(None, f"convert {args.dataset}") as bar:
+        try:
+            if args.dataset == "cityscapes":
+                from remax.data.cityscapes import convert_cityscapes
+
+                written = convert_cityscapes(args.src, args.out, splits=args.splits, use_train_id=args.use_train_id,
+                                             images=args.images, progress=bar.update)
+            else:
+                from remax.data.ade20k import convert_ade20k
+
+                written = convert_ade20k(args.src, args.out, args.mapping, splits=args.splits,
+                                         instance_dir=args.instance_dir, images=args.images,
+                                         stale_stuff_areas=args.stale_stuff_areas, progress=bar.update)
+        except (DatasetError, FileExistsError) as exc:
+            raise CLIError(str(exc)) from exc
+    for path in written:
+        print(f"wrote {path}")
+    print(f"next: remax data check {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax train
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (default: nano on the built-in synthetic data, CPU)",
+        description="Train a kMaX-DeepLab / ReMaX model. With no arguments: makes the synthetic data set under "
+                    "data/synthetic if absent, trains the nano preset with ReMaX on the CPU, evaluates on the "
+                    "validation split and prints the PQ table. Multi-GPU / multi-node: "
+                    "torchrun --nproc_per_node N -m remax train ...")
+    p.add_argument("--preset", default="nano", help="model preset (see `remax models`); default nano")
+    p.add_argument("--data", default=None, metavar="ROOT",
+                   help="a COCO-panoptic folder (ROOT/annotations/panoptic_{split}.json, ...); classes are read "
+                        "from it. With --dataset, the root of that data preset instead")
+    p.add_argument("--dataset", default=None, help="data preset: synthetic, coco, cityscapes, ade20k, custom")
+    p.add_argument("--config", default=None, metavar="YAML", help="start from a saved config (e.g. a run's "
+                                                                   "config.yaml) instead of a preset")
+    p.add_argument("--out", default=None, metavar="DIR", help="run folder (default runs/<preset>-<time>)")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N", help="optimiser steps (schedule follows)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (default: the newest run under runs/) from checkpoints/last.pt")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from a checkpoint's weights (fine-tuning; heads of another class count are skipped)")
+    p.add_argument("--baseline", action="store_true", help="the kMaX-DeepLab baseline recipe (ReMaX off)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: the preset's")
+    p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="mixed precision")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _train_config(args: argparse.Namespace, run_dir: "Path | None"):
+    from pathlib import Path
+
+    from remax.config import Config, apply_kmax_baseline, get_config
+
+    if args.resume:
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise CLIError(f"cannot resume: {saved} not found")
+        cfg = Config.from_yaml(saved.read_text())
+    elif args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise CLIError(f"config file not found: {path}")
+        cfg = Config.from_yaml(path.read_text())
+        if args.baseline:
+            apply_kmax_baseline(cfg)
+    else:
+        dataset = args.dataset or ("custom" if args.data else None)
+        cfg = get_config(args.preset, data=dataset, baseline=args.baseline)
+        if args.data:
+            cfg.data.root = args.data
+    if args.max_steps is not None:
+        cfg.train.max_steps = args.max_steps
+    if args.device is not None:
+        cfg.train.device = args.device
+    if args.amp is not None:
+        cfg.train.amp = args.amp
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    return cfg.override(args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    from remax.checkpoint import CheckpointError
+    from remax.data.coco_panoptic import DatasetError
+    from remax.engine import NonFiniteLossError, train
+    from remax.engine.distributed import rank
+
+    if args.resume and args.out is None:
+        runs = sorted((p.parent.parent for p in Path("runs").glob("*/checkpoints/last.pt")),
+                      key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime)
+        if not runs:
+            raise CLIError("--resume: no run with checkpoints/last.pt under runs/; pass --out DIR")
+        args.out = str(runs[-1])
+    if args.out is not None:
+        run_dir = Path(args.out)
+    else:
+        run_dir = Path("runs") / f"{args.preset}{'-baseline' if args.baseline else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        cfg = _train_config(args, run_dir)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise CLIError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    try:
+        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
+    except (DatasetError, CheckpointError, NonFiniteLossError, FileExistsError) as exc:
+        raise CLIError(str(exc)) from exc
+    except ValueError as exc:  # bad config values found while building the run
+        raise CLIError(str(exc)) from exc
+    if rank() != 0:
+        return 0
+    minutes = result["wall_time_s"] / 60
+    if result["status"] == "interrupted":
+        print(f"stopped by {result['signal']} at step {result['step']} after {minutes:.1f} min; checkpoint "
+              f"{result['checkpoint']}\ncontinue with: remax train --resume --out {run_dir}")
+        return 0
+    print(f"trained {result['step'] - result['start_step']} steps (to step {result['step']}) in {minutes:.1f} min; "
+          f"run folder {run_dir}")
+    ev = result.get("eval")
+    if ev and ev.get("pq"):
+        from remax.evaluation.panoptic_quality import format_pq_table
+
+        print(f"validation panoptic quality at step {result['step']}:")
+        print(format_pq_table(ev["pq"], per_class=True))
+        if isinstance(ev.get("miou"), (int, float)):
+            print(f"mIoU {100 * ev['miou']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax eval / remax predict
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch's unpickling errors span many lines; the first one names the file and the cause."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="panoptic quality, mIoU and AP of a checkpoint or of predictions on disk",
+        description="Either run a checkpoint on a COCO-panoptic split (--checkpoint C --data ROOT) or score "
+                    "COCO-panoptic predictions already on disk (--gt ROOT --pred-json J). Prints PQ/SQ/RQ for All, "
+                    "Things, Stuff and per class, plus mIoU and mask AP.")
+    p.add_argument("--checkpoint", help="model checkpoint (.pt) to evaluate")
+    p.add_argument("--data", help="data set ROOT in COCO layout (ROOT/annotations/panoptic_SPLIT.json, ...)")
+    p.add_argument("--gt", help="ground-truth ROOT in COCO layout, to score predictions on disk")
+    p.add_argument("--gt-json", help="explicit ground-truth JSON (its PNG folder: the path without .json)")
+    p.add_argument("--split", default=None, help="split name (default: the checkpoint's val split, or 'val')")
+    p.add_argument("--pred-json", help="COCO-panoptic predictions JSON (e.g. from remax predict)")
+    p.add_argument("--pred-dir", help="folder of the prediction PNGs (default: the JSON path without .json)")
+    p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate only the first N images (0 = all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
+    p.add_argument("--no-per-class", action="store_true", help="print only the All/Things/Stuff rows")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from remax.checkpoint import CheckpointError
+    from remax.data.coco_panoptic import DatasetError
+    from remax.engine.evaluate import evaluate_files, evaluate_model, format_result, result_to_json
+
+    if bool(args.checkpoint) == bool(args.pred_json):
+        raise CLIError("give either --checkpoint (with --data) or --pred-json (with --gt or --gt-json)")
+    try:
+        if args.checkpoint:
+            if not args.data:
+                raise CLIError("--checkpoint needs --data ROOT (the data set to evaluate on)")
+            from remax.data.coco_panoptic import COCOPanopticDataset
+            from remax.inference.predictor import Predictor
+
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+            cfg = predictor.cfg.override(args.overrides)
+            split = args.split or cfg.data.val_split
+            dataset = COCOPanopticDataset.from_root(args.data, split)
+            result = evaluate_model(predictor.model, dataset, cfg, predictor.categories, device=predictor.device,
+                                    max_images=args.max_images, progress=not args.no_progress,
+                                    batch_size=args.batch_size)
+        else:
+            if args.overrides:
+                raise CLIError("--set only applies to --checkpoint evaluation")
+            if not (args.gt or args.gt_json):
+                raise CLIError("--pred-json needs --gt ROOT or --gt-json FILE")
+            if args.gt_json:
+                gt_json, gt_dir = args.gt_json, None
+            else:
+                from remax.data.coco_panoptic import dataset_paths
+
+                paths = dataset_paths(args.gt, args.split or "val")
+                gt_json, gt_dir = paths.json_file, paths.png_dir
+            result = evaluate_files(gt_json, args.pred_json, gt_dir, args.pred_dir, progress=not args.no_progress)
+    except CheckpointError as exc:
+        raise CLIError(_first_line(exc)) from None
+    except (OSError, ValueError, KeyError, DatasetError) as exc:
+        raise CLIError(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)) from None
+    print(format_result(result, per_class=not args.no_per_class))
+    if args.json_out:
+        from pathlib import Path
+
+        out = Path(args.json_out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result_to_json(result), indent=1))
+        print(f"results written to {out}")
+    return 0
+
+
+def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="panoptic predictions for an image or a folder",
+        description="Writes OUT/predictions.json + OUT/predictions/NAME.png (COCO panoptic) and "
+                    "OUT/overlays/NAME.jpg. Files in a folder that are not readable images are reported and skipped.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files and/or folders of images")
+    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    p.add_argument("--no-overlay", action="store_true", help="do not write overlay pictures")
+    p.add_argument("--semantic", action="store_true", help="also write 16-bit semantic maps (category ids)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remax.checkpoint import CheckpointError
+    from remax.inference.predictor import Predictor, list_images
+    from remax.inference.writer import predict_files
+
+    paths: list[Path] = []
+    for item in args.inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                print(f"remax: warning: folder {path} has no files", file=sys.stderr)
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CLIError(f"input not found: {path}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, semantic=args.semantic,
+                                              instances=False)
+        predictor.cfg = predictor.cfg.override(args.overrides)
+    except CheckpointError as exc:
+        raise CLIError(_first_line(exc)) from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+    def report(path: Path, reason: str) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"remax: skipped {path}: {reason}", file=sys.stderr)  # keeps the progress bar intact
+
+    summary = predict_files(predictor, paths, Path(args.out), batch_size=args.batch_size,
+                            overlays=not args.no_overlay, semantic=args.semantic, progress=not args.no_progress,
+                            on_skip=report)
+    print(f"{len(summary.written)} image(s) predicted, {len(summary.skipped)} skipped; "
+          f"results in {summary.json_path}")
+    if not summary.written:
+        raise CLIError("no image could be read")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax bench
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency, throughput and memory under a stated protocol",
+                       description="Median / p90 latency, images/s and peak memory of a preset, for the network "
+                                   "alone and end to end (resize + normalise + pad + network + upsample + "
+                                   "panoptic post-processing from uint8 images), optionally beside a peer model "
+                                   "measured in the same process under the same protocol. Weights are random.")
+    p.add_argument("--preset", default="remax_t", help="model preset (default: remax_t)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the networks (first call timed alone)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--size", type=int, default=None,
+                   help="side of the square uint8 input image (default: the preset's input size, e.g. 641)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls after the first call (default 3)")
+    p.add_argument("--iters", type=int, default=10, help="timed calls (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--peer", default=None, choices=["mask2former-r50"],
+                   help="also measure this peer (HF transformers, built offline, random weights) and print the "
+                        "remax ÷ peer images/s ratio")
+    p.add_argument("--train", action="store_true",
+                   help="also measure a training step (forward + loss + backward + optimiser step)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the result as JSON")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from remax.engine.benchmark import (BenchError, BenchSettings, Protocol, format_protocol, format_result,
+                                        run_benchmark)
+
+    settings = BenchSettings(preset=args.preset, device=args.device, precision=args.precision,
+                             compile=args.compile, channels_last=args.channels_last, batch=args.batch,
+                             size=args.size, warmup=args.warmup, iters=args.iters, threads=args.threads,
+                             peer=args.peer, train=args.train, seed=args.seed)
+
+    def show_protocol(protocol: Protocol) -> None:
+        print(format_protocol(protocol), flush=True)
+
+    try:
+        result = run_benchmark(settings, on_protocol=show_protocol)
+    except BenchError as exc:
+        raise CLIError(str(exc)) from exc
+    print()
+    print(format_result(result, with_protocol=False))
+    if args.json_path:
+        try:
+            with open(args.json_path, "w", encoding="utf-8") as f:
+                json.dump(result.to_dict(), f, indent=2)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.json_path}: {exc}") from exc
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="remax", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_predict_parser(sub)
+    _add_bench_parser(sub)
+    _add_data_parser(sub)
+    _add_models_parser(sub)
+    _add_config_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as exc:
+        print(f"remax: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("remax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Training engine: ``train(cfg, out_dir)`` builds the model, objective and data of a config and runs the loop.
+
+The loop itself (:class:`~remax.engine.trainer.Trainer`) works on any model and criterion; this module wires in
+the remax parts: the COCO-panoptic reader with training augmentation, the kMaX-DeepLab model with its training
+heads, the kMaX / ReMaX objective, validation PQ and overlay pictures.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from remax.config import Config
+from remax.engine import distributed as dist_utils
+from remax.engine.trainer import NonFiniteLossError, Trainer, TrainParts, seed_everything
+
+__all__ = ["train", "build_parts", "Trainer", "TrainParts", "NonFiniteLossError", "save_val_overlays"]
+
+log = logging.getLogger(__name__)
+
+
+def _validate_data(cfg: Config) -> None:
+    """Refuse a broken data set before the first step, with every problem the validator finds.
+
+    Images are decoded in full for small data sets (synthetic, custom); for the large presets only their headers
+    are read, which keeps the pre-flight check to seconds on COCO.
+    """
+    from remax.data.coco_panoptic import paths_from_config
+    from remax.data.validate import validate_config_data
+
+    splits = [cfg.data.train_split]
+    if cfg.data.val_split != cfg.data.train_split and paths_from_config(cfg.data, cfg.data.val_split).json_file.exists():
+        splits.append(cfg.data.val_split)
+    validate_config_data(cfg.data, splits, check_images=cfg.data.name in ("synthetic", "custom"))
+
+
+def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
+    """The real training parts of ``cfg``; ``cfg.model.num_classes`` is set from the data set's categories."""
+    from remax.data.loader import build_dataset, collate_panoptic
+    from remax.data.coco_panoptic import paths_from_config
+    from remax.losses.criterion import SetCriterion
+    from remax.models import build_model, normalize_image
+
+    if cfg.data.name == "synthetic":
+        from remax.data.synthetic import ensure_synthetic_dataset
+
+        if dist_utils.is_main():
+            ensure_synthetic_dataset(cfg.data)
+        dist_utils.barrier()
+    _validate_data(cfg)
+    train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    categories = list(train_ds.categories)
+    if cfg.model.num_classes != len(categories):
+        log.info("model.num_classes set to %d from the data set's categories (was %d)", len(categories),
+                 cfg.model.num_classes)
+        cfg.model.num_classes = len(categories)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
+    model = build_model(cfg.model, with_training_heads=True)
+    criterion = SetCriterion(cfg.loss, cfg.remax, cfg.model.num_classes)
+
+    val_ds = None
+    val_paths = paths_from_config(cfg.data, cfg.data.val_split)
+    if val_paths.json_file.exists():
+        val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    else:
+        log.warning("no validation split at %s: skipping evaluation", val_paths.json_file)
+
+    evaluate = after = None
+    if val_ds is not None:
+        def evaluate(model: torch.nn.Module, step: int) -> dict[str, Any]:
+            from remax.engine.evaluate import evaluate_model
+
+            device = next(model.parameters()).device
+            return evaluate_model(model, val_ds, cfg, categories, device, max_images=cfg.train.num_val_images,
+                                  progress=progress)
+
+        def after(model: torch.nn.Module, run_dir: Path) -> None:
+            save_val_overlays(model, val_ds, cfg, categories, run_dir / "val_overlays")
+
+    return TrainParts(model=model, criterion=criterion, train_dataset=train_ds,
+                      collate_fn=functools.partial(collate_panoptic, input_size=tuple(cfg.model.input_size),
+                                                    normalize=normalize_image),
+                      categories=categories, evaluate=evaluate, after_training=after)
+
+
+def save_val_overlays(model: torch.nn.Module, dataset: Any, cfg: Config, categories: list, out_dir: Path,
+                      num_images: int = 6) -> list[Path]:
+    """Ground truth | prediction pictures of the first validation images (best effort: never fails a run)."""
+    try:
+        from PIL import Image
+
+        from remax.inference.predictor import Predictor
+        from remax.inference.visualize import overlay_panoptic
+    except ImportError as exc:
+        log.warning("no overlay pictures: %s", exc)
+        return []
+    written = []
+    try:
+        device = next(model.parameters()).device
+        predictor = Predictor(model, cfg, categories, device=device, semantic=False, instances=False)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(min(num_images, len(dataset))):
+            image = dataset.load_image(i)
+            result = predictor.predict_tensors([image])[0]
+            gt = overlay_panoptic(image, torch.from_numpy(dataset.load_png_ids(i).astype("int64")),
+                                  dataset.segments_info(i), categories)
+            pred = overlay_panoptic(image, result.id_map, result.segments_info, categories)
+            canvas = Image.new("RGB", (gt.width + pred.width + 8, max(gt.height, pred.height)), (255, 255, 255))
+            canvas.paste(gt, (0, 0))
+            canvas.paste(pred, (gt.width + 8, 0))
+            name = Path(str(dataset.records[i]["file_name"])).stem
+            path = out_dir / f"{i:02d}_{name}.png"
+            canvas.save(path)
+            written.append(path)
+    except Exception as exc:  # pictures are a convenience; a finished run must not fail on them
+        log.warning("could not draw validation overlays: %s: %s", type(exc).__name__, exc)
+    finally:
+        model.train()
+    return written
+
+
+def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str | Path | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` and return a summary (status, step, final evaluation, paths).
+
+    ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` exactly; ``init_from`` loads the weights of
+    another checkpoint for fine-tuning (tensors whose shapes differ, such as a class head, are skipped).
+    Under ``torchrun`` every rank calls this; only rank 0 writes.
+    """
+    cfg = copy.deepcopy(cfg)
+    from remax.engine.trainer import resolve_device
+
+    dist_utils.init_distributed(resolve_device(cfg.train.device).type)
+    try:
+        parts = build_parts(cfg, progress=progress)
+        trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, progress=progress)
+        return trainer.run()
+    finally:
+        dist_utils.cleanup()

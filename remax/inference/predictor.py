@@ -1,0 +1,315 @@
+"""The :class:`Predictor`: images of any size and mode in, panoptic / semantic / instance outputs out.
+
+Pre-processing follows kmax-reference §4: resize so the image fits the model's fixed input with its longer side
+on the input size (aspect kept), normalise, pad bottom/right with zeros, run, upsample the stride-4 mask logits to
+the padded size (``align_corners`` for odd sizes), crop the valid region, resize to the original size, then merge.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from remax.checkpoint import CheckpointError, checkpoint_categories, checkpoint_config, load_checkpoint
+from remax.config import Config
+from remax.structures import CategoryInfo
+
+from .postprocess import InstancePrediction, instance_postprocess, panoptic_postprocess, semantic_postprocess
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# Keys of heads that exist only for training; a training checkpoint holds them, an inference model does not.
+TRAINING_ONLY_PREFIXES = ("aux_semantic_head.", "remask_heads.")
+
+
+@dataclass
+class PredictionResult:
+    """Outputs for one image at its original (EXIF-corrected) size.
+
+    ``segments_info`` entries: ``id`` (value in ``id_map``), ``category_id`` (the data set's category id),
+    ``label`` (contiguous training id), ``isthing``, ``score``, ``area``. ``semantic`` holds contiguous ids.
+    """
+
+    id_map: torch.Tensor  # int64 [H, W], 0 = void
+    segments_info: list[dict]
+    semantic: torch.Tensor | None  # int64 [H, W]
+    instances: InstancePrediction | None
+    instance_category_ids: torch.Tensor | None = None  # data-set category ids of the instances
+    height: int = 0
+    width: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_image(image: ImageInput) -> torch.Tensor:
+    """Any supported image -> uint8 RGB tensor ``3×H×W``.
+
+    Paths and PIL images get their EXIF orientation applied; RGBA is composited on black; grey and palette
+    images are expanded to RGB; 16-bit grey is rescaled to 8 bits. Arrays are ``H×W``, ``H×W×{1,3,4}`` (uint8);
+    tensors are ``{1,3,4}×H×W`` or ``H×W`` (uint8). Raises ``OSError`` for unreadable files and ``ValueError``
+    for unsupported arrays, naming the input.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            im.load()
+            return _pil_to_tensor(im)
+    if isinstance(image, Image.Image):
+        return _pil_to_tensor(image)
+    if isinstance(image, np.ndarray):
+        return _array_to_tensor(torch.from_numpy(np.ascontiguousarray(image)), channels_last=True)
+    if isinstance(image, torch.Tensor):
+        return _array_to_tensor(image.detach().cpu(), channels_last=False)
+    raise TypeError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+
+def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        peak = float(arr.max()) if arr.size else 0.0
+        if peak > 255:
+            arr = arr * (255.0 / peak)
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).expand(3, -1, -1).contiguous()
+    arr = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _array_to_tensor(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    if t.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {t.dtype}")
+    if t.dim() == 2:
+        t = t.unsqueeze(0)
+    elif t.dim() == 3 and channels_last:
+        t = t.permute(2, 0, 1)
+    if t.dim() != 3 or t.shape[0] not in (1, 3, 4):
+        layout = "H×W×C" if channels_last else "C×H×W"
+        raise ValueError(f"expected an {layout} image with 1, 3 or 4 channels, got shape {tuple(t.shape)}")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:  # composite on black, as for PIL RGBA
+        alpha = t[3:].float() / 255.0
+        t = (t[:3].float() * alpha).round().to(torch.uint8)
+    return t.contiguous()
+
+
+def resized_shape(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Size after scaling so the image fits ``input_size`` with its longer side on it (aspect kept).
+
+    A ``k·32+1`` input side is filled up to ``k·32`` and padded by one pixel: the stride-4 mask grid then falls on
+    every 4th image pixel exactly, at the scale the training transform uses (``data.resize_longer_side``).
+    Stretching to ``k·32+1`` instead would shift the grid against the pixels by up to one pixel across the image.
+    """
+    fit = tuple(s - 1 if s % 2 == 1 and s > 1 else s for s in input_size)
+    scale = min(fit[0] / height, fit[1] / width)
+    h = min(fit[0], max(1, round(height * scale)))
+    w = min(fit[1], max(1, round(width * scale)))
+    if height <= input_size[0] and width <= input_size[1] and abs(h - height) <= 1 and abs(w - width) <= 1:
+        # Within a pixel of the fit (640 in 641, Cityscapes 1024×2048 in 1025×2049): padded, never stretched.
+        return height, width
+    return h, w
+
+
+def preprocess(images: Sequence[torch.Tensor], input_size: tuple[int, int]) -> tuple[torch.Tensor, list]:
+    """uint8 ``3×H×W`` images -> normalised, zero-padded ``B×3×H_in×W_in`` batch and each image's resized size."""
+    from remax.models import normalize_image
+
+    batch = torch.zeros(len(images), 3, *input_size)
+    sizes = []
+    for i, img in enumerate(images):
+        h, w = resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
+        x = img.unsqueeze(0).float()
+        if (h, w) != tuple(img.shape[1:]):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp(0, 255)
+        batch[i, :, :h, :w] = normalize_image(x)[0]
+        sizes.append((h, w))
+    return batch, sizes
+
+
+def mask_logits_to_image(mask_logits: torch.Tensor, input_size: tuple[int, int], valid: tuple[int, int],
+                         original: tuple[int, int]) -> torch.Tensor:
+    """Stride-4 mask logits ``N×h×w`` of one padded input -> ``N×H×W`` at the original image size."""
+    align = input_size[0] % 2 == 1 and input_size[1] % 2 == 1  # Python constant: traceable, as the notes ask
+    x = F.interpolate(mask_logits.unsqueeze(0).float(), size=input_size, mode="bilinear", align_corners=align)
+    x = x[:, :, : valid[0], : valid[1]]
+    if tuple(valid) != tuple(original):
+        x = F.interpolate(x, size=original, mode="bilinear", align_corners=False)
+    return x[0]
+
+
+class Predictor:
+    """Runs a kMaX-DeepLab model on images and post-processes its outputs.
+
+    ``categories`` (contiguous order) map predicted labels to data-set category ids and tell things from stuff;
+    ``cfg.eval`` holds the merge thresholds and ``cfg.model.input_size`` the padded input size.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, categories: Sequence[CategoryInfo],
+                 device: str | torch.device = "cpu", semantic: bool = True, instances: bool = True,
+                 instance_topk: int = 100, max_merge_pixels: int | None = None) -> None:
+        if len(categories) != cfg.model.num_classes:
+            raise ValueError(f"{len(categories)} categories given for a model with {cfg.model.num_classes} classes")
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.categories = list(categories)
+        self.input_size = tuple(int(v) for v in cfg.model.input_size)
+        self.is_thing = torch.tensor([c.isthing for c in self.categories], dtype=torch.bool)
+        self.category_ids = torch.tensor([c.id for c in self.categories], dtype=torch.int64)
+        self.semantic = semantic
+        self.instances = instances
+        self.instance_topk = instance_topk
+        # The merge holds N float maps at the output size; for images far larger than the model input (phone
+        # photos) it runs at the resized size instead and its outputs are upsampled (nearest) to the original.
+        self.max_merge_pixels = max_merge_pixels or 4 * self.input_size[0] * self.input_size[1]
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        **kwargs: Any) -> "Predictor":
+        """Build the model of a checkpoint and load its weights (training-only heads are ignored).
+
+        Raises :class:`~remax.checkpoint.CheckpointError` for missing, unreadable or mismatching checkpoints.
+        """
+        state = load_checkpoint(path, map_location="cpu")
+        try:
+            cfg = checkpoint_config(state)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: bad config in checkpoint ({exc})") from exc
+        categories = checkpoint_categories(state)
+        if not categories:
+            log.warning("%s holds no categories; using generic names with every class a thing", path)
+            categories = [CategoryInfo(id=i + 1, name=f"class_{i}", isthing=True)
+                          for i in range(cfg.model.num_classes)]
+        if len(categories) != cfg.model.num_classes:
+            raise CheckpointError(f"{path}: {len(categories)} categories but the model has "
+                                  f"{cfg.model.num_classes} classes")
+        model = load_model_from_state(state, cfg, where=str(path))
+        return cls(model, cfg, categories, device=device, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward_batch(self, images: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
+        """One forward pass over uint8 ``3×H×W`` images; returns the raw outputs and each image's resized size."""
+        batch, sizes = preprocess(images, self.input_size)
+        outputs = self.model(batch.to(self.device))
+        return outputs, sizes
+
+    @torch.inference_mode()
+    def predict(self, images: ImageInput | Sequence[ImageInput],
+                batch_size: int | None = None) -> PredictionResult | list[PredictionResult]:
+        """Predict one image (returns one result) or a list (returns a list; ``batch_size`` images per forward
+        pass, all at once by default)."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        tensors = [load_image(im) for im in items]
+        step = batch_size or max(1, len(tensors))
+        results: list[PredictionResult] = []
+        for start in range(0, len(tensors), step):
+            results.extend(self.predict_tensors(tensors[start:start + step]))
+        return results[0] if single else results
+
+    __call__ = predict
+
+    @torch.inference_mode()
+    def predict_tensors(self, images: Sequence[torch.Tensor]) -> list[PredictionResult]:
+        """Predict already-loaded uint8 ``3×H×W`` images in one forward pass."""
+        if not images:
+            return []
+        outputs, sizes = self.forward_batch(images)
+        return [self.postprocess_one(outputs["pred_logits"][i], outputs["pred_masks"][i], sizes[i],
+                                     (int(img.shape[1]), int(img.shape[2]))) for i, img in enumerate(images)]
+
+    def postprocess_one(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, valid: tuple[int, int],
+                        original: tuple[int, int]) -> PredictionResult:
+        """Resize one image's mask logits to its original size and run the merges (kmax-reference §4)."""
+        large = original[0] * original[1] > self.max_merge_pixels and valid[0] * valid[1] < original[0] * original[1]
+        merge_size = valid if large else original
+        masks = mask_logits_to_image(mask_logits, self.input_size, valid, merge_size)
+        class_logits = class_logits.float()
+        pan = panoptic_postprocess(class_logits, masks, self.is_thing, self.cfg.eval)
+        id_map = _resize_nearest(pan.id_map, original).cpu()
+        if tuple(merge_size) != tuple(original):
+            areas = torch.bincount(id_map.flatten(), minlength=len(pan.segments_info) + 1).tolist()
+            for s in pan.segments_info:
+                s["area"] = int(areas[s["id"]])
+            pan.segments_info = [s for s in pan.segments_info if s["area"] > 0]  # (upsampling keeps them all)
+        segments = []
+        for s in pan.segments_info:
+            label = int(s["category_id"])
+            segments.append({"id": s["id"], "category_id": self.categories[label].id, "label": label,
+                             "isthing": s["isthing"], "score": s["score"], "area": s["area"]})
+        semantic = None
+        if self.semantic:
+            semantic = _resize_nearest(semantic_postprocess(class_logits, masks), original).cpu()
+        inst = None
+        inst_cats = None
+        if self.instances:
+            inst = instance_postprocess(class_logits, masks, self.is_thing, self.cfg.eval, self.instance_topk)
+            inst = InstancePrediction(masks=_resize_nearest(inst.masks, original).cpu(), scores=inst.scores.cpu(),
+                                      labels=inst.labels.cpu())
+            inst_cats = self.category_ids[inst.labels]
+        return PredictionResult(id_map=id_map, segments_info=segments, semantic=semantic, instances=inst,
+                                instance_category_ids=inst_cats, height=original[0], width=original[1])
+
+
+def _resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest-neighbour resize of an integer/bool ``H×W`` or ``k×H×W`` map (identity when already that size)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    h, w = x.shape[-2:]
+    rows = ((torch.arange(size[0], device=x.device) + 0.5) * (h / size[0])).long().clamp(max=h - 1)
+    cols = ((torch.arange(size[1], device=x.device) + 0.5) * (w / size[1])).long().clamp(max=w - 1)
+    return x[..., rows[:, None], cols[None, :]]  # a gather: no float copy of k full-size masks
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; other names are passed to :class:`torch.device`."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model_from_state(state: dict[str, Any], cfg: Config, where: str = "checkpoint") -> torch.nn.Module:
+    """Build the inference model of ``cfg`` and load ``state['model']`` strictly, minus training-only heads."""
+    from remax.models import build_model
+
+    model = build_model(cfg.model, with_training_heads=False)
+    weights = state["model"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{where}: 'model' is not a state dict")
+    weights = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in weights.items()}
+    weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        own = model.state_dict()
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        shapes = sorted(k for k in set(own) & set(weights) if tuple(own[k].shape) != tuple(weights[k].shape))
+        parts = []
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {name} (e.g. {', '.join(keys[:3])})")
+        raise CheckpointError(f"{where}: weights do not fit the model of its config: {'; '.join(parts) or exc}") \
+            from exc
+    return model
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Regular, non-hidden files of a folder in sorted order (non-images are found when read, not by name)."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith("."))

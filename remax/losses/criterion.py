@@ -1,0 +1,183 @@
+"""The full training objective: kMaX-DeepLab losses with deep supervision, plus the ReMaX relaxations.
+
+``L = Σ_{o ∈ final, aux_0..} [w_cls·L_cls(o) + w_dice·L_dice(o) + w_id·L_maskID(o) + w_ins·L_insdis(o)]
+      + w_sem·L_sem + Σ_{relaxed stage i} w_remask·L_sem(stage i)``
+
+The Hungarian matching is computed once on the final (unrelaxed) output and shared by every auxiliary output.
+Everything runs in fp32 with autocast disabled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from remax.config import LossConfig, RemaxConfig
+from remax.losses import mask_id as mask_id_mod
+from remax.losses import relaxations
+from remax.losses.instance_discrimination import gumbel_topk_pixels, instance_discrimination_loss
+from remax.losses.mask_id import mask_id_loss
+from remax.losses.matcher import Matching, hungarian_match
+from remax.losses.pq_style import one_hot_class_targets, pq_style_loss
+from remax.losses.relaxations import reclass_targets, remask
+from remax.losses.semantic import semantic_loss
+from remax.losses.targets import DenseTargets, build_dense_targets
+from remax.structures import PanopticTarget
+
+logger = logging.getLogger(__name__)
+
+
+class SetCriterion:
+    """``SetCriterion(loss_cfg, remax_cfg, num_classes)(outputs, targets) -> (total, breakdown)``.
+
+    ``breakdown`` maps every *weighted* term to a float, so that the terms sum to ``loss_total``:
+    ``loss_pq_class/final``, ``loss_pq_dice/aux0``, ``loss_mask_id/…``, ``loss_instance_discrimination/…``,
+    ``loss_semantic``, ``loss_remask_semantic/0``, …
+    """
+
+    def __init__(
+        self,
+        loss_cfg: LossConfig,
+        remax_cfg: RemaxConfig,
+        num_classes: int,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.loss_cfg = loss_cfg
+        self.remax_cfg = remax_cfg
+        self.num_classes = num_classes
+        self.generator = generator
+        on = remax_cfg.enabled
+        self.mask_id_activation = remax_cfg.mask_id_activation if on else loss_cfg.mask_id_activation
+        self.use_remask = on and remax_cfg.remask and remax_cfg.remask_stages > 0
+        self.use_reclass = on and remax_cfg.reclass
+        if self.mask_id_activation not in mask_id_mod.ACTIVATIONS:
+            raise ValueError(f"mask_id_activation must be one of {mask_id_mod.ACTIVATIONS}, "
+                             f"got {self.mask_id_activation!r}")
+        if loss_cfg.mask_id_sigmoid_reduction not in mask_id_mod.SIGMOID_REDUCTIONS:
+            raise ValueError(f"loss.mask_id_sigmoid_reduction must be one of {mask_id_mod.SIGMOID_REDUCTIONS}, "
+                             f"got {loss_cfg.mask_id_sigmoid_reduction!r}")
+        for name in ("remask_activation", "reclass_activation"):
+            if getattr(remax_cfg, name) not in relaxations.ACTIVATIONS:
+                raise ValueError(f"remax.{name} must be one of {relaxations.ACTIVATIONS}, "
+                                 f"got {getattr(remax_cfg, name)!r}")
+        self._warned = False
+
+    def __call__(self, outputs: dict[str, Any], targets: list[PanopticTarget]) -> tuple[Tensor, dict[str, float]]:
+        device = outputs["pred_masks"].device
+        with torch.autocast(device_type=device.type, enabled=False):
+            terms = self.loss_terms(outputs, targets)
+        total = torch.stack(list(terms.values())).sum() if terms else outputs["pred_masks"].new_zeros(()).float()
+        values = torch.stack([total.detach()] + [t.detach() for t in terms.values()]).tolist() if terms else [0.0]
+        breakdown = dict(zip(terms.keys(), values[1:]))
+        breakdown["loss_total"] = values[0]
+        return total, breakdown
+
+    # ----------------------------------------------------------------------------------------------------------
+
+    def loss_terms(self, outputs: dict[str, Any], targets: list[PanopticTarget]) -> dict[str, Tensor]:
+        """Every weighted loss term as a 0-d fp32 tensor (call under ``autocast(enabled=False)``)."""
+        cfg, rcfg, K = self.loss_cfg, self.remax_cfg, self.num_classes
+        pred_masks = outputs["pred_masks"]
+        B, N, h, w = pred_masks.shape
+        if len(targets) != B:
+            raise ValueError(f"got {len(targets)} targets for a batch of {B} predictions")
+        if outputs["pred_logits"].shape[-1] != K + 1:
+            raise ValueError(f"pred_logits have {outputs['pred_logits'].shape[-1]} classes, expected "
+                             f"num_classes + 1 = {K + 1} (void last)")
+        dense = build_dense_targets(targets, (h, w), K, device=pred_masks.device)
+        dense_by_size: dict[tuple[int, int], DenseTargets] = {(h, w): dense}
+
+        def dense_at(size: tuple[int, int]) -> DenseTargets:
+            if size not in dense_by_size:
+                dense_by_size[size] = build_dense_targets(targets, size, K, device=pred_masks.device)
+            return dense_by_size[size]
+
+        heads: list[tuple[str, dict[str, Any]]] = [("final", outputs)]
+        if cfg.deep_supervision:
+            heads += [(f"aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []) or [])]
+
+        sem_stage_logits = list(outputs.get("remask_semantic_logits", []) or [])
+        n_relaxed = 0
+        if self.use_remask:
+            n_relaxed = min(rcfg.remask_stages, len(heads) - 1)
+            if not rcfg.remask_use_gt:
+                if len(sem_stage_logits) < n_relaxed and not self._warned:
+                    logger.warning("ReMask asks for %d relaxed stages but the model gives %d per-stage semantic "
+                                   "heads; relaxing %d", n_relaxed, len(sem_stage_logits), len(sem_stage_logits))
+                    self._warned = True
+                n_relaxed = min(n_relaxed, len(sem_stage_logits))
+
+        terms: dict[str, Tensor] = {}
+        insdis_on = cfg.instance_discrimination_weight > 0
+        samples = None
+        if insdis_on:
+            samples = gumbel_topk_pixels(dense, cfg.instance_discrimination_sample_k,
+                                         cfg.instance_discrimination_sample_temperature, self.generator)
+        gt_semantic = dense.semantic() if (n_relaxed and rcfg.remask_use_gt) else None
+
+        final_matching: Matching | None = None
+        for idx, (name, out) in enumerate(heads):
+            logits = out["pred_logits"].float()
+            raw_masks = out["pred_masks"].float().flatten(2)  # B×N×P
+            if raw_masks.shape != (B, N, h * w):
+                raise ValueError(f"{name}: pred_masks of shape {tuple(out['pred_masks'].shape)}, expected "
+                                 f"{(B, N, h, w)} (auxiliary outputs must be upsampled to the final mask size)")
+            stage = idx - 1  # aux_outputs[i] is decoder stage i
+            masks = raw_masks
+            if 0 <= stage < n_relaxed:
+                sem = None
+                if gt_semantic is None:
+                    sem = sem_stage_logits[stage].float()
+                    if tuple(sem.shape[-2:]) != (h, w):
+                        raise ValueError(f"remask_semantic_logits[{stage}] has size {tuple(sem.shape[-2:])}, "
+                                         f"expected the mask size {(h, w)}")
+                    sem = sem.flatten(2)
+                masks = remask(raw_masks, logits, sem, rcfg.remask_activation, rcfg.remask_stop_gradient,
+                               rcfg.remask_detach_class, gt_semantic)
+            log_probs = torch.log_softmax(masks, dim=1)
+            probs = log_probs.exp()
+            if final_matching is None or not cfg.share_final_matching:
+                matching = hungarian_match(logits, probs, dense)
+                if final_matching is None:
+                    final_matching = matching
+            else:
+                matching = final_matching
+
+            class_targets = one_hot_class_targets(matching, dense, K + 1)
+            if self.use_reclass:
+                class_targets = reclass_targets(class_targets, raw_masks, dense, matching, rcfg.reclass_eta,
+                                                rcfg.reclass_activation, rcfg.reclass_unmatched,
+                                                rcfg.reclass_normalize)
+            if cfg.pq_class_weight > 0 or cfg.pq_dice_weight > 0:
+                cls_loss, dice_loss = pq_style_loss(logits, probs, dense, matching, cfg.pq_alpha, class_targets)
+                if cfg.pq_class_weight > 0:
+                    terms[f"loss_pq_class/{name}"] = cfg.pq_class_weight * cls_loss
+                if cfg.pq_dice_weight > 0:
+                    terms[f"loss_pq_dice/{name}"] = cfg.pq_dice_weight * dice_loss
+            if cfg.mask_id_weight > 0:
+                terms[f"loss_mask_id/{name}"] = cfg.mask_id_weight * mask_id_loss(
+                    masks, dense, matching, self.mask_id_activation, cfg.mask_id_sigmoid_reduction, log_probs)
+            if insdis_on:
+                if out.get("pixel_embeddings") is None:
+                    raise ValueError(f"{name}: outputs lack 'pixel_embeddings' needed by instance discrimination; "
+                                     "build the model with with_training_heads=True (train mode) or set "
+                                     "loss.instance_discrimination_weight=0")
+                terms[f"loss_instance_discrimination/{name}"] = cfg.instance_discrimination_weight * (
+                    instance_discrimination_loss(out["pixel_embeddings"], dense,
+                                                 temperature=cfg.instance_discrimination_temperature,
+                                                 samples=samples))
+
+        sem_logits = outputs.get("semantic_logits")
+        if sem_logits is not None and cfg.semantic_weight > 0:
+            terms["loss_semantic"] = cfg.semantic_weight * semantic_loss(
+                sem_logits, dense_at(tuple(sem_logits.shape[-2:])), cfg.semantic_sample_k,
+                cfg.semantic_sample_temperature, self.generator)
+        if n_relaxed and not rcfg.remask_use_gt and rcfg.remask_semantic_weight > 0:
+            for i in range(n_relaxed):
+                terms[f"loss_remask_semantic/{i}"] = rcfg.remask_semantic_weight * semantic_loss(
+                    sem_stage_logits[i], dense, cfg.semantic_sample_k, cfg.semantic_sample_temperature,
+                    self.generator)
+        return terms

@@ -1,0 +1,68 @@
+"""Data structures shared by data, losses, evaluation and inference.
+
+They hold tensors and plain Python values only, so that losses and metrics never depend on how a data set is
+stored on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CategoryInfo:
+    """One category of a data set, indexed by its contiguous training id (things first, then stuff)."""
+
+    id: int  # the data set's own category id (e.g. COCO's 1..200)
+    name: str
+    isthing: bool
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass
+class PanopticTarget:
+    """Compact panoptic ground truth of one image.
+
+    ``id_map`` holds ``0`` for void (unlabeled or padding) and ``i + 1`` for the ``i``-th segment of the lists
+    below. Crowd segments are kept (``is_crowd``): training treats them as void, evaluation as crowd regions.
+    Dense per-segment masks are never stored; losses build them at the mask resolution.
+    """
+
+    id_map: torch.Tensor  # int64 [H, W]
+    classes: torch.Tensor  # int64 [S], contiguous training ids
+    is_thing: torch.Tensor  # bool [S]
+    is_crowd: torch.Tensor  # bool [S]
+    segment_ids: torch.Tensor | None = None  # int64 [S], the original (e.g. PNG) segment ids, if known
+    areas: torch.Tensor | None = None  # int64 [S], ground-truth areas as given by the annotation file
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.classes.numel())
+
+    def to(self, device: torch.device | str) -> "PanopticTarget":
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return PanopticTarget(
+            id_map=self.id_map.to(device),
+            classes=self.classes.to(device),
+            is_thing=self.is_thing.to(device),
+            is_crowd=self.is_crowd.to(device),
+            segment_ids=move(self.segment_ids),
+            areas=move(self.areas),
+        )
+
+
+@dataclass
+class PanopticPrediction:
+    """Panoptic output of one image, in the same compact form as the ground truth.
+
+    ``segments_info`` follows COCO-panoptic: dicts with ``id`` (the value in ``id_map``), ``category_id``
+    (contiguous training id unless stated otherwise), ``isthing``, ``score`` and ``area``.
+    """
+
+    id_map: torch.Tensor  # int64 [H, W], 0 = void
+    segments_info: list[dict] = field(default_factory=list)
+    semantic: torch.Tensor | None = None  # int64 [H, W] contiguous class per pixel, or None

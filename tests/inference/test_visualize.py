@@ -1,0 +1,67 @@
+"""Overlay pictures: exact blend of category colours, void untouched, instances told apart, boundaries drawn."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from remax.inference.visualize import boundaries, category_color, colorize, overlay_panoptic
+from remax.structures import CategoryInfo
+
+CATS = [CategoryInfo(1, "person", True, (200, 20, 60)), CategoryInfo(7, "sky", False, (70, 130, 180)),
+        CategoryInfo(8, "road", False, (0, 0, 0))]
+
+
+def scene():
+    ids = np.zeros((40, 50), np.int64)
+    ids[:15] = 5  # sky
+    ids[25:] = 6  # road (category without a colour)
+    ids[10:30, 5:20] = 11  # two people touching
+    ids[10:30, 20:35] = 12
+    segs = [{"id": 5, "category_id": 7, "isthing": False}, {"id": 6, "category_id": 8, "isthing": False},
+            {"id": 11, "category_id": 1, "isthing": True}, {"id": 12, "category_id": 1, "isthing": True}]
+    return ids, segs
+
+
+def test_colorize_uses_category_colours_and_jitters_instances():
+    ids, segs = scene()
+    col = colorize(ids, segs, CATS)
+    assert (col[0, 0] == (70, 130, 180)).all()  # stuff: the category colour itself
+    assert (col[39, 0] == category_color(8)).all() and any(category_color(8))  # generated colour when none
+    assert (col[ids == 0] == 0).all()
+    a, b = col[12, 10], col[12, 25]
+    assert not (a == b).all()  # touching instances of one class differ
+    assert np.abs(a.astype(int) - np.array([200, 20, 60])).max() <= 40  # ... but stay near the class colour
+    # Deterministic: the same segment id always gets the same colour.
+    np.testing.assert_array_equal(colorize(ids, segs, CATS), col)
+
+
+def test_overlay_blends_keeps_void_and_draws_boundaries():
+    ids, segs = scene()
+    image = np.full((40, 50, 3), 100, np.uint8)
+    out = np.asarray(overlay_panoptic(image, ids, segs, CATS, alpha=0.5, draw_labels=False))
+    assert out.shape == (40, 50, 3)
+    np.testing.assert_array_equal(out[17, 40], [100, 100, 100])  # void pixel far from any boundary
+    np.testing.assert_array_equal(out[2, 45], np.round(0.5 * 100 + 0.5 * np.array([70, 130, 180])))
+    edge = boundaries(ids)
+    assert (out[edge] == 255).all()
+    assert edge[14, 45] and edge[15, 45] and not edge[13, 45]
+    # Tensor image input gives the same picture; a size mismatch is a clear error.
+    same = overlay_panoptic(torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(ids), segs, CATS,
+                            alpha=0.5, draw_labels=False)
+    np.testing.assert_array_equal(np.asarray(same), out)
+    with pytest.raises(ValueError, match="differs"):
+        overlay_panoptic(image[:10], ids, segs, CATS)
+
+
+def test_labels_are_drawn_on_large_pictures_only():
+    ids, segs = scene()
+    big = np.kron(ids, np.ones((4, 4), np.int64))
+    image = np.full(big.shape + (3,), 100, np.uint8)
+    plain = np.asarray(overlay_panoptic(image, big, segs, CATS, draw_labels=False))
+    labelled = np.asarray(overlay_panoptic(image, big, segs, CATS, draw_labels=True))
+    assert (plain != labelled).any()
+    small = np.full((40, 50, 3), 100, np.uint8)
+    np.testing.assert_array_equal(np.asarray(overlay_panoptic(small, ids, segs, CATS, draw_labels=True)),
+                                  np.asarray(overlay_panoptic(small, ids, segs, CATS, draw_labels=False)))
