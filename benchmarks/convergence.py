@@ -43,8 +43,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "stages_0": ("ReMask on 0 stages", ["remax.remask_stages=0"]),
     "stages_2": ("ReMask on the first 2 stages", ["remax.remask_stages=2"]),
     "no_stop_grad": ("no stop-gradient into the semantic heads", ["remax.remask_stop_gradient=false"]),
-    "softmax": ("softmax in Eq. 1 and softmax mask-ID loss", ["remax.remask_activation=softmax",
-                                                               "remax.mask_id_activation=softmax"]),
+    "sigmoid": ("sigmoid in Eq. 1 and sigmoid mask-ID loss (the paper's Table 2 choice)",
+                ["remax.remask_activation=sigmoid", "remax.mask_id_activation=sigmoid"]),
     "gt_semantic": ("ground-truth semantic mask instead of m_sem (Table 7 control)", ["remax.remask_use_gt=true"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)

@@ -62,7 +62,9 @@ class RemaxConfig:
     enabled: bool = True
     remask: bool = True
     remask_stages: int = 4  # relaxed decoder stages, counted from the first
-    remask_activation: str = "sigmoid"  # sigma in Eq. 1: "sigmoid" or "softmax"
+    # sigma in Eq. 1 and the mask-ID loss: the paper's best is "sigmoid" (Table 2); "softmax" trained better in our
+    # convergence study (docs/convergence.md), so it is the default. Set both to "sigmoid" for the paper's choice.
+    remask_activation: str = "softmax"
     remask_detach_class: bool = False  # also stop the gradient through sigma(p) in Eq. 1
     remask_stop_gradient: bool = True  # no gradient from the panoptic loss into the semantic heads
     remask_use_gt: bool = False  # Table 7 control: m_sem replaced by the ground-truth semantic mask
@@ -72,7 +74,7 @@ class RemaxConfig:
     reclass_unmatched: bool = False  # also soften the (void) target of unmatched queries
     reclass_activation: str = "sigmoid"  # sigma(m_pan) in Eq. 3: "sigmoid" (paper) or "softmax" over queries
     reclass_normalize: bool = False  # rescale the soft target of Eq. 4 to sum 1 (Eq. 4 as printed does not)
-    mask_id_activation: str = "sigmoid"  # ReMaX's best (Table 2); the kMaX baseline uses "softmax"
+    mask_id_activation: str = "softmax"  # see remask_activation; the kMaX baseline always uses "softmax"
 
 
 @dataclass

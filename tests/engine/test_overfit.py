@@ -81,8 +81,11 @@ def test_nano_overfits_two_images(tmp_path: Path) -> None:
     assert [e["step"] for e in evals] == [STEPS]
     pq = evals[-1]["pq"]
     assert pq == pytest.approx(100 * result["eval"]["pq"]["All"]["pq"])
-    train_losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert train_losses[-1] < 0.7 * train_losses[0]
+    # The mask terms collapse when the masks are memorised (measured: mask-ID 0.72 -> 0.01, dice 0.34 -> 0.02);
+    # the total is dominated by instance discrimination, whose floor is the log of the pixels per mask.
+    logged = [r for r in records if r["kind"] == "train"]
+    for term in ("loss/loss_mask_id/final", "loss/loss_pq_dice/final"):
+        assert logged[-1][term] < 0.1 * logged[0][term], term
 
     memorised = grid_pq(cfg, tmp_path / "run" / "checkpoints" / "last.pt")
     assert memorised >= 90.0, f"PQ {memorised:.1f} at the supervised stride-4 resolution"

@@ -114,7 +114,7 @@ def test_mask_id_activation_follows_remax_switch():
     dense = build_dense_targets(targets, (H4, H4), K)
     masks = outputs["pred_masks"].flatten(2)
     matching = hungarian_match(outputs["pred_logits"], masks.softmax(1), dense)
-    _, bd = crit(RemaxConfig(remask=False, reclass=False))(outputs, targets)
+    _, bd = crit(RemaxConfig(remask=False, reclass=False, mask_id_activation="sigmoid"))(outputs, targets)
     exp = 0.3 * mask_id_loss(masks, dense, matching, "sigmoid", "sum")
     assert bd["loss_mask_id/final"] == pytest.approx(exp.item(), rel=1e-6)
     _, bd = SetCriterion(dataclasses.replace(LCFG, mask_id_activation="sigmoid"), RemaxConfig(enabled=False), K)(
@@ -140,12 +140,12 @@ def test_remask_relaxes_only_the_first_stages_with_shared_matching(use_gt):
     for i in range(2):
         aux = outputs["aux_outputs"][i]
         sem = None if use_gt else outputs["remask_semantic_logits"][i].flatten(2)
-        relaxed = remask(aux["pred_masks"].flatten(2), aux["pred_logits"], sem,
+        relaxed = remask(aux["pred_masks"].flatten(2), aux["pred_logits"], sem, activation=cfg.remask_activation,
                          gt_semantic=dense.semantic() if use_gt else None)
         cls, dice = pq_style_loss(aux["pred_logits"], relaxed.softmax(1), dense, matching)
         assert bd[f"loss_pq_class/aux{i}"] == pytest.approx(3.0 * cls.item(), rel=1e-5)
         assert bd[f"loss_pq_dice/aux{i}"] == pytest.approx(3.0 * dice.item(), rel=1e-5)
-        exp_id = 0.3 * mask_id_loss(relaxed, dense, matching, "sigmoid")
+        exp_id = 0.3 * mask_id_loss(relaxed, dense, matching, cfg.mask_id_activation)
         assert bd[f"loss_mask_id/aux{i}"] == pytest.approx(exp_id.item(), rel=1e-5)
         assert bd[f"loss_mask_id/aux{i}"] != bd_off[f"loss_mask_id/aux{i}"]
         if use_gt:  # the ground-truth control has no per-stage semantic loss
