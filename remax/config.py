@@ -96,6 +96,10 @@ class LossConfig:
     semantic_sample_temperature: float = 2.0
     deep_supervision: bool = True
     share_final_matching: bool = True
+    # Input pixels between the points where the mask terms (matching, PQ-style, mask-ID, ReClass) are supervised.
+    # 4 is kMaX-DeepLab's stride-4 grid. 2 or 1 upsample the mask logits bilinearly first, so that boundaries
+    # between grid points are supervised too (small objects, upscaled images); memory of those terms grows (4/s)².
+    mask_loss_stride: int = 4
 
 
 @dataclass

@@ -4,7 +4,9 @@
       + w_sem·L_sem + Σ_{relaxed stage i} w_remask·L_sem(stage i)``
 
 The Hungarian matching is computed once on the final (unrelaxed) output and shared by every auxiliary output.
-Everything runs in fp32 with autocast disabled.
+Everything runs in fp32 with autocast disabled. The mask terms see the logits at their own stride-4 grid, or
+upsampled bilinearly when ``loss.mask_loss_stride`` is finer; instance discrimination and the semantic terms
+always use their heads' own resolution.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from remax.config import LossConfig, RemaxConfig
@@ -24,7 +27,7 @@ from remax.losses.matcher import Matching, hungarian_match
 from remax.losses.pq_style import one_hot_class_targets, pq_style_loss
 from remax.losses.relaxations import reclass_targets, remask
 from remax.losses.semantic import semantic_loss
-from remax.losses.targets import DenseTargets, build_dense_targets
+from remax.losses.targets import DenseTargets, build_dense_targets, supervision_size
 from remax.structures import PanopticTarget
 
 logger = logging.getLogger(__name__)
@@ -95,6 +98,18 @@ class SetCriterion:
                 dense_by_size[size] = build_dense_targets(targets, size, K, device=pred_masks.device)
             return dense_by_size[size]
 
+        # Mask terms: at the logits' grid (kMaX), or on logits upsampled to a finer loss stride.
+        sup_size, align = (h, w), True
+        if B:
+            sup_size, align = supervision_size(tuple(targets[0].id_map.shape), (h, w), cfg.mask_loss_stride)
+        sup = dense_at(sup_size)
+
+        def at_loss_grid(x: Tensor) -> Tensor:
+            """B×C×h×w logits -> B×C×P at the supervision size."""
+            if sup_size != (h, w):
+                x = F.interpolate(x, size=sup_size, mode="bilinear", align_corners=align)
+            return x.flatten(2)
+
         heads: list[tuple[str, dict[str, Any]]] = [("final", outputs)]
         if cfg.deep_supervision:
             heads += [(f"aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []) or [])]
@@ -116,15 +131,15 @@ class SetCriterion:
         if insdis_on:
             samples = gumbel_topk_pixels(dense, cfg.instance_discrimination_sample_k,
                                          cfg.instance_discrimination_sample_temperature, self.generator)
-        gt_semantic = dense.semantic() if (n_relaxed and rcfg.remask_use_gt) else None
+        gt_semantic = sup.semantic() if (n_relaxed and rcfg.remask_use_gt) else None
 
         final_matching: Matching | None = None
         for idx, (name, out) in enumerate(heads):
             logits = out["pred_logits"].float()
-            raw_masks = out["pred_masks"].float().flatten(2)  # B×N×P
-            if raw_masks.shape != (B, N, h * w):
+            if tuple(out["pred_masks"].shape) != (B, N, h, w):
                 raise ValueError(f"{name}: pred_masks of shape {tuple(out['pred_masks'].shape)}, expected "
                                  f"{(B, N, h, w)} (auxiliary outputs must be upsampled to the final mask size)")
+            raw_masks = at_loss_grid(out["pred_masks"].float())  # B×N×P
             stage = idx - 1  # aux_outputs[i] is decoder stage i
             masks = raw_masks
             if 0 <= stage < n_relaxed:
@@ -134,32 +149,32 @@ class SetCriterion:
                     if tuple(sem.shape[-2:]) != (h, w):
                         raise ValueError(f"remask_semantic_logits[{stage}] has size {tuple(sem.shape[-2:])}, "
                                          f"expected the mask size {(h, w)}")
-                    sem = sem.flatten(2)
+                    sem = at_loss_grid(sem)
                 masks = remask(raw_masks, logits, sem, rcfg.remask_activation, rcfg.remask_stop_gradient,
                                rcfg.remask_detach_class, gt_semantic)
             log_probs = torch.log_softmax(masks, dim=1)
             probs = log_probs.exp()
             if final_matching is None or not cfg.share_final_matching:
-                matching = hungarian_match(logits, probs, dense)
+                matching = hungarian_match(logits, probs, sup)
                 if final_matching is None:
                     final_matching = matching
             else:
                 matching = final_matching
 
-            class_targets = one_hot_class_targets(matching, dense, K + 1)
+            class_targets = one_hot_class_targets(matching, sup, K + 1)
             if self.use_reclass:
-                class_targets = reclass_targets(class_targets, raw_masks, dense, matching, rcfg.reclass_eta,
+                class_targets = reclass_targets(class_targets, raw_masks, sup, matching, rcfg.reclass_eta,
                                                 rcfg.reclass_activation, rcfg.reclass_unmatched,
                                                 rcfg.reclass_normalize)
             if cfg.pq_class_weight > 0 or cfg.pq_dice_weight > 0:
-                cls_loss, dice_loss = pq_style_loss(logits, probs, dense, matching, cfg.pq_alpha, class_targets)
+                cls_loss, dice_loss = pq_style_loss(logits, probs, sup, matching, cfg.pq_alpha, class_targets)
                 if cfg.pq_class_weight > 0:
                     terms[f"loss_pq_class/{name}"] = cfg.pq_class_weight * cls_loss
                 if cfg.pq_dice_weight > 0:
                     terms[f"loss_pq_dice/{name}"] = cfg.pq_dice_weight * dice_loss
             if cfg.mask_id_weight > 0:
                 terms[f"loss_mask_id/{name}"] = cfg.mask_id_weight * mask_id_loss(
-                    masks, dense, matching, self.mask_id_activation, cfg.mask_id_sigmoid_reduction, log_probs)
+                    masks, sup, matching, self.mask_id_activation, cfg.mask_id_sigmoid_reduction, log_probs)
             if insdis_on:
                 if out.get("pixel_embeddings") is None:
                     raise ValueError(f"{name}: outputs lack 'pixel_embeddings' needed by instance discrimination; "

@@ -42,6 +42,25 @@ def subsample_stride(input_size: tuple[int, int], output_size: tuple[int, int]) 
     )
 
 
+def supervision_size(input_size: tuple[int, int], mask_size: tuple[int, int],
+                     loss_stride: int) -> tuple[tuple[int, int], bool]:
+    """Size at which the mask terms are supervised, and the ``align_corners`` that upsamples the logits to it.
+
+    ``loss_stride`` is in input pixels. It equals the logits' own stride for kMaX-DeepLab (the logits are used as
+    they are) or divides it (the logits are upsampled bilinearly, the ground truth sub-sampled more finely). A
+    ``k·s+1`` input keeps the corner-aligned geometry of the Predictor (grid point ``j`` on input pixel ``s·j``).
+    """
+    s = subsample_stride(input_size, mask_size)
+    if loss_stride < 1 or s % loss_stride:
+        raise ValueError(f"loss.mask_loss_stride={loss_stride} must divide the mask logits' stride {s} "
+                         f"(input {input_size[0]}x{input_size[1]}, masks {mask_size[0]}x{mask_size[1]})")
+    H, W = input_size
+    align = (H - 1) % s == 0 and (W - 1) % s == 0
+    if loss_stride == s:
+        return tuple(mask_size), align
+    return (math.ceil(H / loss_stride), math.ceil(W / loss_stride)), align
+
+
 @dataclass
 class DenseTargets:
     """Batch ground truth at one resolution ``h×w`` (``P = h·w`` flattened pixels), padded to ``M`` masks."""

@@ -4,17 +4,17 @@ This is the whole stack in one test: data reading, targets, matching, every loss
 post-processing merge and the PQ evaluation. A model that cannot memorise two images has a bug somewhere.
 Augmentation is off and the two training images are also the validation split (``data.val_split=train``).
 
-Geometry: the losses see the ground truth sub-sampled at stride 4 (kMaX-DeepLab), so 32 px images are trained
-and evaluated at 4× (input 129, images filled to 128 and padded) and every original pixel has one supervised grid
-point. Two numbers are checked:
+Geometry: 32 px images are trained and evaluated at 4× (input 129, images filled to 128 and padded), so every
+original pixel has one stride-4 grid point. Two supervisions are run:
 
-- PQ at the supervised resolution (the stride-4 grid against the ground truth sampled as the losses see it): the
-  memorisation itself, issue 6's bar of 90;
-- PQ of the full pipeline at the image resolution (``remax eval``'s number). It plateaus near 85–86 here
-  (measured 85.2 after 600 steps with the default softmax activations; 85.3 with sigmoid, 86.4 after 1500
-  steps): with every grid point right (grid PQ 100), the bilinear upsampling of the logits between grid points
-  still moves the boundaries of these 10-pixel shapes. The bar of 80 guards against regressions;
-  the gap to 90 is reported in the issue, not hidden by this test.
+- kMaX-DeepLab's (``loss.mask_loss_stride=4``, the default): the losses see the ground truth sub-sampled at the
+  grid points only. The memorisation is checked where it is supervised (PQ of the grid predictions against the
+  grid ground truth, measured 100). At the image resolution (``remax eval``'s number) it measured 85.2: each
+  grid point sits 3/8 of a pixel from its pixel's centre, the unsupervised boundaries between grid points fall
+  midway, and the bilinear upsampling moves the edges of these 10-pixel shapes (measured by re-sampling the
+  same logits: PQ 100 on the grid points, 99.2 at 1/4 of a cell, 85.2 at the pixel centres, 71.0 at 1/2).
+- Upsampled supervision (``loss.mask_loss_stride=1``): the mask terms see every input pixel, so the boundaries
+  between grid points are learned too; measured PQ 98.6 at the image resolution.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def grid_pq(cfg, checkpoint: Path) -> float:
     return 100 * pq.compute()["All"]["pq"]
 
 
-def test_nano_overfits_two_images(tmp_path: Path) -> None:
+def train_on_two_images(tmp_path: Path, *overrides: str):
+    """Train nano on 2 synthetic images (also the validation split); returns (config, metrics records)."""
     root = write_synthetic_dataset(tmp_path / "synthetic", num_train=2, num_val=0, size=SIZE, seed=0)
     cfg = get_config("nano").override([
         f"data.root={root}", "data.val_split=train", "data.num_workers=0",
@@ -72,7 +73,7 @@ def test_nano_overfits_two_images(tmp_path: Path) -> None:
         "data.copy_paste=false",
         "train.batch_size=2", "train.base_batch_size=2", "train.lr=0.003", f"train.max_steps={STEPS}",
         "train.warmup_steps=20", "train.log_every=100", "train.eval_every=0", "train.checkpoint_every=0",
-        "train.keep_checkpoints=0", "train.device=cpu",
+        "train.keep_checkpoints=0", "train.device=cpu", *overrides,
     ])
     assert cfg.model.drop_path == 0.0 and cfg.model.backbone_drop_path == 0.0
     result = train(cfg, tmp_path / "run", progress=False)
@@ -80,14 +81,30 @@ def test_nano_overfits_two_images(tmp_path: Path) -> None:
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [STEPS]
-    pq = evals[-1]["pq"]
-    assert pq == pytest.approx(100 * result["eval"]["pq"]["All"]["pq"])
-    # The mask terms collapse when the masks are memorised (measured: mask-ID 0.72 -> 0.01, dice 0.34 -> 0.02);
+    assert evals[-1]["pq"] == pytest.approx(100 * result["eval"]["pq"]["All"]["pq"])
+    return cfg, records
+
+
+def test_nano_overfits_two_images(tmp_path: Path) -> None:
+    """kMaX-DeepLab's stride-4 supervision: memorised at the grid points, within 15 PQ of it at the pixels."""
+    cfg, records = train_on_two_images(tmp_path)
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    # The mask terms collapse when the grid is memorised (measured: mask-ID 0.72 -> 0.01, dice 0.34 -> 0.02);
     # the total is dominated by instance discrimination, whose floor is the log of the pixels per mask.
+    # (Supervised at every pixel they fall less, 0.75 -> 0.06 and 0.35 -> 0.08: the logits interpolated across
+    # a boundary keep soft probabilities on the pixels next to it.)
     logged = [r for r in records if r["kind"] == "train"]
     for term in ("loss/loss_mask_id/final", "loss/loss_pq_dice/final"):
         assert logged[-1][term] < 0.1 * logged[0][term], term
-
     memorised = grid_pq(cfg, tmp_path / "run" / "checkpoints" / "last.pt")
     assert memorised >= 90.0, f"PQ {memorised:.1f} at the supervised stride-4 resolution"
-    assert pq >= 80.0, f"PQ {pq:.1f} at the image resolution (SQ {evals[-1]['sq']:.1f}, RQ {evals[-1]['rq']:.1f})"
+    assert last["pq"] >= 80.0, f"PQ {last['pq']:.1f} at the image resolution (SQ {last['sq']:.1f})"
+
+
+def test_nano_overfits_two_images_at_image_resolution(tmp_path: Path) -> None:
+    """Supervising every input pixel (``loss.mask_loss_stride=1``): memorised at the image resolution."""
+    cfg, records = train_on_two_images(tmp_path, "loss.mask_loss_stride=1")
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    assert last["pq"] >= 90.0, f"PQ {last['pq']:.1f} at the image resolution (SQ {last['sq']:.1f})"
+    memorised = grid_pq(cfg, tmp_path / "run" / "checkpoints" / "last.pt")
+    assert memorised >= 90.0, f"PQ {memorised:.1f} at the stride-4 grid points"
