@@ -14,6 +14,9 @@ Bounded CPU run (the default; nano on the synthetic data)::
     python benchmarks/convergence.py --out runs/convergence --steps 600 --eval-every 150 --seeds 0 1 2
 
 Larger presets on a GPU: ``--preset remax_t --data /data/coco --device cuda --steps 50000 --eval-every 5000``.
+
+Finished runs are reused, so the work can be split over processes sharing ``--out`` (one seed or variant each);
+a last call with ``--no-train`` aggregates whatever has finished and writes the page.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ from remax.config import Config, apply_kmax_baseline, get_config
 
 log = logging.getLogger("convergence")
 
-# name -> (description, config overrides). "kmax" additionally switches to the baseline recipe.
+# name -> (description, config overrides). "kmax" and "kmax_step" additionally switch to the baseline recipe.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "remax": ("ReMaX, library defaults", []),
     "kmax": ("kMaX-DeepLab baseline (no ReMask/ReClass, softmax mask-ID)", []),
+    "kmax_step": ("kMaX-DeepLab objective with ReMaX's step schedule (objective vs. schedule)", []),
     "eta_0": ("ReClass eta = 0", ["remax.reclass_eta=0.0"]),
     "eta_0.2": ("ReClass eta = 0.2", ["remax.reclass_eta=0.2"]),
     "stages_0": ("ReMask on 0 stages", ["remax.remask_stages=0"]),
@@ -52,11 +56,13 @@ DEFAULT_VARIANTS = list(VARIANTS)
 
 def variant_config(base: Config, variant: str, seed: int, steps: int, eval_every: int) -> Config:
     cfg = base.override(VARIANTS[variant][1])
-    if variant == "kmax":
+    if variant in ("kmax", "kmax_step"):
         apply_kmax_baseline(cfg)
-        # Same learning rate as ReMaX so that only the objective differs at equal steps.
+        # Same learning rate as ReMaX so that only the objective (and for "kmax" the schedule) differs.
         cfg.train.lr = base.train.lr
         cfg.train.weight_decay = base.train.weight_decay
+        if variant == "kmax_step":
+            cfg.train.schedule = base.train.schedule
     cfg.train.seed = seed
     cfg.train.max_steps = steps
     cfg.train.eval_every = eval_every
@@ -98,6 +104,11 @@ def aggregate(runs: dict[str, dict[int, list[tuple[int, float]]]]) -> dict[str, 
     return out
 
 
+def _cell(mean: float, std: float, n: int, digits: int) -> str:
+    """``mean ± std``; one seed has no spread to show."""
+    return f"{mean:.{digits}f}" if n < 2 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def markdown_table(agg: dict[str, Any]) -> str:
     steps = sorted({p["step"] for a in agg.values() for p in a["points"]})
     head = "| variant | what | final PQ (mean ± std) | " + " | ".join(f"PQ @ {s}" for s in steps) + " |"
@@ -105,9 +116,11 @@ def markdown_table(agg: dict[str, Any]) -> str:
     rows = [head, sep]
     for name, a in agg.items():
         by_step = {p["step"]: p for p in a["points"]}
-        cells = [f"{by_step[s]['mean']:.1f} ± {by_step[s]['std']:.1f}" if s in by_step else "" for s in steps]
-        rows.append(f"| `{name}` | {a['description']} | **{a['final_mean']:.2f} ± {a['final_std']:.2f}** "
-                    f"(n={len(a['finals'])}) | " + " | ".join(cells) + " |")
+        cells = [_cell(by_step[s]["mean"], by_step[s]["std"], by_step[s]["n"], 1) if s in by_step else ""
+                 for s in steps]
+        final = _cell(a["final_mean"], a["final_std"], len(a["finals"]), 2)
+        rows.append(f"| `{name}` | {a['description']} | **{final}** (n={len(a['finals'])}) | "
+                    + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -158,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/convergence")
     p.add_argument("--doc", default=None, help="Markdown page whose generated block is replaced")
+    p.add_argument("--no-train", action="store_true",
+                   help="train nothing: aggregate the finished runs under --out (missing seeds are left out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="applied to every variant (e.g. train.batch_size=4)")
     args = p.parse_args(argv)
@@ -180,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             if (run_dir / "metrics.jsonl").exists() and read_curve(run_dir) and \
                     read_curve(run_dir)[-1][0] >= args.steps:
                 log.info("%s seed %d: reusing %s", variant, seed, run_dir)
+            elif args.no_train:
+                log.info("%s seed %d: no finished run at %s, left out", variant, seed, run_dir)
+                continue
             else:
                 cfg = variant_config(base, variant, seed, args.steps, args.eval_every)
                 log.info("%s seed %d: training %d steps", variant, seed, args.steps)
@@ -193,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                 "wall_time_s": round(time.perf_counter() - t0, 1)}
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "runs": {
         v: {str(s): c for s, c in r.items()} for v, r in runs.items()}, "aggregate": agg}, indent=2))
-    plot(agg, out / "pq_vs_step.png", f"{args.preset}: validation PQ vs. step ({len(args.seeds)} seeds)")
+    seeds = sorted({len(a["finals"]) for a in agg.values()})
+    plot(agg, out / "pq_vs_step.png",
+         f"{args.preset}: validation PQ vs. step ({'/'.join(map(str, seeds))} seeds per variant)")
     table = markdown_table(agg)
     (out / "table.md").write_text(table + "\n")
     print(table)
@@ -202,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         png = doc.parent / "convergence_pq_vs_step.png"
         png.write_bytes((out / "pq_vs_step.png").read_bytes())
         cmd = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        update_doc(doc, f"Generated by `{cmd}` ({protocol['wall_time_s']} s, torch {torch.__version__}).\n\n"
+        update_doc(doc, f"Generated by `{cmd}` (this call: {protocol['wall_time_s']} s; "
+                        f"torch {torch.__version__}).\n\n"
                         f"![PQ vs step]({png.name})\n\n{table}\n")
     return 0
 
