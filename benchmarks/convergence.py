@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         for seed in args.seeds:
             run_dir = out / variant / f"seed{seed}"
-            if (run_dir / "metrics.jsonl").exists() and read_curve(run_dir) and \
-                    read_curve(run_dir)[-1][0] >= args.steps:
+            curve = read_curve(run_dir) if (run_dir / "metrics.jsonl").exists() else []
+            if curve and curve[-1][0] >= args.steps:
                 log.info("%s seed %d: reusing %s", variant, seed, run_dir)
             elif args.no_train:
                 log.info("%s seed %d: no finished run at %s, left out", variant, seed, run_dir)
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = variant_config(base, variant, seed, args.steps, args.eval_every)
                 log.info("%s seed %d: training %d steps", variant, seed, args.steps)
                 train(cfg, run_dir, progress=False)
-            runs.setdefault(variant, {})[seed] = read_curve(run_dir)
+                curve = read_curve(run_dir)
+            runs.setdefault(variant, {})[seed] = curve
     agg = aggregate(runs)
     out.mkdir(parents=True, exist_ok=True)
     protocol = {"preset": args.preset, "data": args.data or "synthetic", "steps": args.steps,
