@@ -390,8 +390,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from remax.data.coco_panoptic import COCOPanopticDataset
             from remax.inference.predictor import Predictor
 
-            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-            cfg = predictor.cfg.override(args.overrides)
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+            cfg = predictor.cfg
             split = args.split or cfg.data.val_split
             dataset = COCOPanopticDataset.from_root(args.data, split)
             result = evaluate_model(predictor.model, dataset, cfg, predictor.categories, device=predictor.device,
@@ -466,8 +466,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, semantic=args.semantic,
-                                              instances=False)
-        predictor.cfg = predictor.cfg.override(args.overrides)
+                                              instances=False, overrides=args.overrides)
     except CheckpointError as exc:
         raise CLIError(_first_line(exc)) from None
     except ValueError as exc:

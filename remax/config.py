@@ -69,6 +69,12 @@ class RemaxConfig:
     remask_stop_gradient: bool = True  # no gradient from the panoptic loss into the semantic heads
     remask_use_gt: bool = False  # Table 7 control: m_sem replaced by the ground-truth semantic mask
     remask_semantic_weight: float = 0.5  # per-stage semantic loss weight
+    # The relaxed masks are the stage's prediction inside the decoder (its k-means assignment and every later stage
+    # see them); false: they feed only the stage's losses (the earlier, loss-only reading).
+    remask_in_decoder: bool = True
+    # Sigmoid Eq. 1 only: set the semantic heads' class bias so 1 + sum_c sigma(m_sem)sigma(p) starts at this value
+    # instead of 1 + K/4 (34 on COCO). 0 = zero bias (the plain initialisation).
+    remask_init_multiplier: float = 0.0
     reclass: bool = True
     reclass_eta: float = 0.1
     reclass_unmatched: bool = False  # also soften the (void) target of unmatched queries
@@ -88,7 +94,9 @@ class LossConfig:
     semantic_weight: float = 1.0
     pq_alpha: float = 0.75
     mask_id_activation: str = "softmax"  # overridden by RemaxConfig.mask_id_activation when ReMaX is on
-    mask_id_sigmoid_reduction: str = "sum"  # sigmoid mask-ID: "sum" or "mean" of the per-query BCE over queries
+    # Sigmoid mask-ID: "sum" or "mean" of the per-query BCE over the N queries, or "matched" (Mask2Former style:
+    # matched queries only, mean over pixels, then over the matched masks). See remax/losses/mask_id.py.
+    mask_id_sigmoid_reduction: str = "sum"
     instance_discrimination_sample_k: int = 4096
     instance_discrimination_sample_temperature: float = 1.5
     instance_discrimination_temperature: float = 0.3
@@ -179,6 +187,8 @@ class EvalConfig:
     stuff_area_limit: int = 0
     compute_ap: bool = True
     compute_miou: bool = True
+    # Keep ReMask (and its semantic heads) at test time, the paper's Table 5 control; needs a training checkpoint.
+    keep_remask: bool = False
 
 
 @dataclass

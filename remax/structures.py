@@ -41,6 +41,12 @@ class PanopticTarget:
     def num_segments(self) -> int:
         return int(self.classes.numel())
 
+    def semantic_map(self, num_classes: int) -> torch.Tensor:
+        """int64 ``H×W`` contiguous class per pixel; ``num_classes`` on void, padding and crowd (as in training)."""
+        void = torch.full((1,), num_classes, dtype=torch.int64, device=self.id_map.device)
+        classes = torch.where(self.is_crowd.bool(), void, self.classes.long())
+        return torch.cat([void, classes])[self.id_map.long()]
+
     def to(self, device: torch.device | str) -> "PanopticTarget":
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t.to(device)

@@ -44,7 +44,7 @@ def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
     from remax.data.loader import build_dataset, collate_panoptic
     from remax.data.coco_panoptic import paths_from_config
     from remax.losses.criterion import SetCriterion
-    from remax.models import build_model, normalize_image
+    from remax.models import ReMaskOptions, build_model, normalize_image
 
     if cfg.data.name == "synthetic":
         from remax.data.synthetic import ensure_synthetic_dataset
@@ -60,8 +60,15 @@ def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
                  cfg.model.num_classes)
         cfg.model.num_classes = len(categories)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank and every run
-    model = build_model(cfg.model, with_training_heads=True)
+    remask = ReMaskOptions.from_config(cfg.remax)
+    model = build_model(cfg.model, with_training_heads=True, remask=remask)
     criterion = SetCriterion(cfg.loss, cfg.remax, cfg.model.num_classes)
+    forward_kwargs = None
+    if remask.stages and remask.use_gt:  # ReMask's ground-truth control needs the labels inside the decoder
+        num_classes = cfg.model.num_classes
+
+        def forward_kwargs(targets: list) -> dict[str, Any]:
+            return {"remask_gt_semantic": torch.stack([t.semantic_map(num_classes) for t in targets])}
 
     val_ds = None
     val_paths = paths_from_config(cfg.data, cfg.data.val_split)
@@ -85,7 +92,8 @@ def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
     return TrainParts(model=model, criterion=criterion, train_dataset=train_ds,
                       collate_fn=functools.partial(collate_panoptic, input_size=tuple(cfg.model.input_size),
                                                     normalize=normalize_image),
-                      categories=categories, evaluate=evaluate, after_training=after)
+                      categories=categories, evaluate=evaluate, after_training=after,
+                      forward_kwargs=forward_kwargs)
 
 
 def save_val_overlays(model: torch.nn.Module, dataset: Any, cfg: Config, categories: list, out_dir: Path,

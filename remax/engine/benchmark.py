@@ -386,12 +386,13 @@ def random_panoptic_targets(batch: int, size: tuple[int, int], num_classes: int,
 
 def _build_remax(preset: str, input_side: int, with_training_heads: bool) -> tuple[nn.Module, Any]:
     from remax.config import get_config
-    from remax.models import build_model
+    from remax.models import ReMaskOptions, build_model
 
     cfg = get_config(preset)
     cfg.model.input_size = (input_side, input_side)
+    remask = ReMaskOptions.from_config(cfg.remax) if with_training_heads else None  # as `remax train` builds it
     model = build_model(preset, with_training_heads=with_training_heads, input_size=(input_side, input_side),
-                        num_classes=cfg.model.num_classes)
+                        num_classes=cfg.model.num_classes, remask=remask)
     return model, cfg
 
 

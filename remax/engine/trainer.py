@@ -63,6 +63,8 @@ class TrainParts:
     collate_fn: Callable[[list[Any]], Any]  # -> (images, targets) or {"images": ..., "targets": ...}
     categories: list[CategoryInfo] = field(default_factory=list)
     evaluate: EvalFn | None = None  # (model, step) -> metrics dict, rank 0 only
+    # targets -> extra keyword arguments of the model's forward pass (e.g. ReMask's ground-truth control)
+    forward_kwargs: Callable[[list[Any]], dict[str, Any]] | None = None
     after_training: Callable[[nn.Module, Path], None] | None = None  # e.g. overlay pictures, rank 0 only
 
 
@@ -328,8 +330,9 @@ class Trainer:
         sync = self.world > 1 and micro < self.accum - 1
         ctx = self.ddp_model.no_sync() if sync else contextlib.nullcontext()
         with ctx:
+            kwargs = self.parts.forward_kwargs(targets) if self.parts.forward_kwargs else {}
             with self._autocast():
-                outputs = self.ddp_model(images)
+                outputs = self.ddp_model(images, **kwargs)
             loss, breakdown = self.parts.criterion(outputs, targets)
             bad = not bool(torch.isfinite(loss.detach()).all())
             if dist_utils.any_rank(bad, self.device):

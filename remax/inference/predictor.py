@@ -164,6 +164,8 @@ class Predictor:
         if len(categories) != cfg.model.num_classes:
             raise ValueError(f"{len(categories)} categories given for a model with {cfg.model.num_classes} classes")
         self.device = resolve_device(device)
+        if cfg.eval.keep_remask:
+            _keep_remask(model, cfg)
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.categories = list(categories)
@@ -179,8 +181,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        **kwargs: Any) -> "Predictor":
-        """Build the model of a checkpoint and load its weights (training-only heads are ignored).
+                        overrides: Sequence[str] = (), **kwargs: Any) -> "Predictor":
+        """Build the model of a checkpoint and load its weights (training-only heads are ignored unless
+        ``eval.keep_remask`` keeps ReMask at test time). ``overrides``: ``section.field=value`` assignments
+        applied to the checkpoint's config first.
 
         Raises :class:`~remax.checkpoint.CheckpointError` for missing, unreadable or mismatching checkpoints.
         """
@@ -189,6 +193,7 @@ class Predictor:
             cfg = checkpoint_config(state)
         except ValueError as exc:
             raise CheckpointError(f"{path}: bad config in checkpoint ({exc})") from exc
+        cfg = cfg.override(list(overrides))  # a bad assignment is the caller's ValueError, not the file's
         categories = checkpoint_categories(state)
         if not categories:
             log.warning("%s holds no categories; using generic names with every class a thing", path)
@@ -284,16 +289,39 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def _keep_remask(model: torch.nn.Module, cfg: Config) -> None:
+    """Switch ReMask on for ``eval()`` (``eval.keep_remask``, the paper's Table 5), or say why it cannot be."""
+    from remax.models import ReMaskOptions
+
+    options = ReMaskOptions.from_config(cfg.remax, at_test=True)
+    if not options.at_test:
+        raise ValueError("eval.keep_remask needs a model trained with ReMask in the decoder (remax.enabled, "
+                         "remax.remask and remax.remask_in_decoder true, remax.remask_stages > 0)")
+    if options.use_gt:
+        raise ValueError("eval.keep_remask cannot keep the ground-truth control (remax.remask_use_gt): there is "
+                         "no ground truth at test time")
+    if getattr(model, "remask_heads", None) is None or not hasattr(model, "set_remask"):
+        raise ValueError("eval.keep_remask needs the ReMaX semantic heads, which this model does not have "
+                         "(load it from a training checkpoint)")
+    model.set_remask(options)
+
+
 def load_model_from_state(state: dict[str, Any], cfg: Config, where: str = "checkpoint") -> torch.nn.Module:
-    """Build the inference model of ``cfg`` and load ``state['model']`` strictly, minus training-only heads."""
+    """Build the inference model of ``cfg`` and load ``state['model']`` strictly, minus training-only heads
+    (kept, with ReMask at test time, when ``cfg.eval.keep_remask``)."""
     from remax.models import build_model
 
-    model = build_model(cfg.model, with_training_heads=False)
+    keep = cfg.eval.keep_remask
+    model = build_model(cfg.model, with_training_heads=keep)
     weights = state["model"]
     if not isinstance(weights, dict):
         raise CheckpointError(f"{where}: 'model' is not a state dict")
     weights = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in weights.items()}
-    weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
+    if keep and not any(k.startswith("remask_heads.") for k in weights):
+        raise CheckpointError(f"{where}: eval.keep_remask needs the ReMaX semantic heads, which this checkpoint "
+                              f"does not hold (an inference-only file, or a run without ReMask)")
+    if not keep:
+        weights = {k: v for k, v in weights.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:

@@ -3,8 +3,11 @@
 ``L = Σ_{o ∈ final, aux_0..} [w_cls·L_cls(o) + w_dice·L_dice(o) + w_id·L_maskID(o) + w_ins·L_insdis(o)]
       + w_sem·L_sem + Σ_{relaxed stage i} w_remask·L_sem(stage i)``
 
-The Hungarian matching is computed once on the final (unrelaxed) output and shared by every auxiliary output.
-Everything runs in fp32 with autocast disabled. The mask terms see the logits at their own stride-4 grid, or
+The Hungarian matching is computed once on the final (unrelaxed) output and shared, together with its PQ-style
+weights, by every auxiliary output (kMaX-DeepLab's deep supervision). A relaxed stage's mask terms use ``m̃``: the
+model's own ``pred_masks`` when ReMask runs in the decoder (``remax.remask_in_decoder``, the default; the raw
+logits then come as ``pred_masks_raw`` for ReClass), or ``m̃`` formed here from the stage's semantic logits in the
+loss-only reading. Everything runs in fp32 with autocast disabled. The mask terms see the logits at their own stride-4 grid, or
 upsampled bilinearly when ``loss.mask_loss_stride`` is finer; instance discrimination and the semantic terms
 always use their heads' own resolution.
 """
@@ -24,7 +27,7 @@ from remax.losses import relaxations
 from remax.losses.instance_discrimination import gumbel_topk_pixels, instance_discrimination_loss
 from remax.losses.mask_id import mask_id_loss
 from remax.losses.matcher import Matching, hungarian_match
-from remax.losses.pq_style import one_hot_class_targets, pq_style_loss
+from remax.losses.pq_style import PQWeights, one_hot_class_targets, pq_loss_weights, pq_style_loss
 from remax.losses.relaxations import reclass_targets, remask
 from remax.losses.semantic import semantic_loss
 from remax.losses.targets import DenseTargets, build_dense_targets, supervision_size
@@ -80,6 +83,37 @@ class SetCriterion:
 
     # ----------------------------------------------------------------------------------------------------------
 
+    def _relaxed_stages(self, heads: list[tuple[str, dict[str, Any]]], sem_stage_logits: list[Tensor]) -> int:
+        """How many leading auxiliary outputs are relaxed: by the model (ReMask in the decoder, their outputs
+        carry ``pred_masks_raw``) or here (the loss-only reading)."""
+        rcfg = self.remax_cfg
+        n_aux = len(heads) - 1
+        by_model = 0
+        while by_model < n_aux and "pred_masks_raw" in heads[by_model + 1][1]:
+            by_model += 1
+        in_decoder = self.use_remask and rcfg.remask_in_decoder
+        if by_model and not in_decoder:
+            raise ValueError("the model applied ReMask in its decoder, but this objective does not ask for it "
+                             "(remax.enabled, remax.remask and remax.remask_in_decoder must all be true); build "
+                             "the model with ReMaskOptions.from_config(cfg.remax)")
+        if not self.use_remask:
+            return 0
+        wanted = min(rcfg.remask_stages, n_aux)
+        if in_decoder:
+            if by_model < wanted and not self._warned:
+                logger.warning("ReMask in the decoder asks for %d relaxed stages but the model relaxed %d; build "
+                               "it with ReMaskOptions.from_config(cfg.remax) and its training heads", wanted,
+                               by_model)
+                self._warned = True
+            return by_model
+        if not rcfg.remask_use_gt and len(sem_stage_logits) < wanted:
+            if not self._warned:
+                logger.warning("ReMask asks for %d relaxed stages but the model gives %d per-stage semantic "
+                               "heads; relaxing %d", wanted, len(sem_stage_logits), len(sem_stage_logits))
+                self._warned = True
+            return len(sem_stage_logits)
+        return wanted
+
     def loss_terms(self, outputs: dict[str, Any], targets: list[PanopticTarget]) -> dict[str, Tensor]:
         """Every weighted loss term as a 0-d fp32 tensor (call under ``autocast(enabled=False)``)."""
         cfg, rcfg, K = self.loss_cfg, self.remax_cfg, self.num_classes
@@ -115,15 +149,8 @@ class SetCriterion:
             heads += [(f"aux{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []) or [])]
 
         sem_stage_logits = list(outputs.get("remask_semantic_logits", []) or [])
-        n_relaxed = 0
-        if self.use_remask:
-            n_relaxed = min(rcfg.remask_stages, len(heads) - 1)
-            if not rcfg.remask_use_gt:
-                if len(sem_stage_logits) < n_relaxed and not self._warned:
-                    logger.warning("ReMask asks for %d relaxed stages but the model gives %d per-stage semantic "
-                                   "heads; relaxing %d", n_relaxed, len(sem_stage_logits), len(sem_stage_logits))
-                    self._warned = True
-                n_relaxed = min(n_relaxed, len(sem_stage_logits))
+        n_relaxed = self._relaxed_stages(heads, sem_stage_logits)
+        in_decoder = self.use_remask and rcfg.remask_in_decoder
 
         terms: dict[str, Tensor] = {}
         insdis_on = cfg.instance_discrimination_weight > 0
@@ -131,35 +158,42 @@ class SetCriterion:
         if insdis_on:
             samples = gumbel_topk_pixels(dense, cfg.instance_discrimination_sample_k,
                                          cfg.instance_discrimination_sample_temperature, self.generator)
-        gt_semantic = sup.semantic() if (n_relaxed and rcfg.remask_use_gt) else None
+        gt_semantic = sup.semantic() if (n_relaxed and rcfg.remask_use_gt and not in_decoder) else None
 
         final_matching: Matching | None = None
+        final_weights: PQWeights | None = None
         for idx, (name, out) in enumerate(heads):
             logits = out["pred_logits"].float()
             if tuple(out["pred_masks"].shape) != (B, N, h, w):
                 raise ValueError(f"{name}: pred_masks of shape {tuple(out['pred_masks'].shape)}, expected "
                                  f"{(B, N, h, w)} (auxiliary outputs must be upsampled to the final mask size)")
-            raw_masks = at_loss_grid(out["pred_masks"].float())  # B×N×P
+            masks = at_loss_grid(out["pred_masks"].float())  # B×N×P
+            raw_masks = masks
             stage = idx - 1  # aux_outputs[i] is decoder stage i
-            masks = raw_masks
             if 0 <= stage < n_relaxed:
-                sem = None
-                if gt_semantic is None:
-                    sem = sem_stage_logits[stage].float()
-                    if tuple(sem.shape[-2:]) != (h, w):
-                        raise ValueError(f"remask_semantic_logits[{stage}] has size {tuple(sem.shape[-2:])}, "
-                                         f"expected the mask size {(h, w)}")
-                    sem = at_loss_grid(sem)
-                masks = remask(raw_masks, logits, sem, rcfg.remask_activation, rcfg.remask_stop_gradient,
-                               rcfg.remask_detach_class, gt_semantic)
+                if in_decoder:  # the model relaxed the stage: its pred_masks are m̃
+                    raw_masks = at_loss_grid(out["pred_masks_raw"].float())
+                else:
+                    sem = None
+                    if gt_semantic is None:
+                        sem = sem_stage_logits[stage].float()
+                        if tuple(sem.shape[-2:]) != (h, w):
+                            raise ValueError(f"remask_semantic_logits[{stage}] has size {tuple(sem.shape[-2:])}, "
+                                             f"expected the mask size {(h, w)}")
+                        sem = at_loss_grid(sem)
+                    masks = remask(raw_masks, logits, sem, rcfg.remask_activation, rcfg.remask_stop_gradient,
+                                   rcfg.remask_detach_class, gt_semantic)
             log_probs = torch.log_softmax(masks, dim=1)
             probs = log_probs.exp()
+            # The reference matches the final output only and reuses its assignment *and* its PQ-style weights
+            # (matched Dice, void overlap, matched class probability) for every auxiliary output.
             if final_matching is None or not cfg.share_final_matching:
                 matching = hungarian_match(logits, probs, sup)
+                weights = pq_loss_weights(logits, probs, sup, matching, cfg.pq_alpha)
                 if final_matching is None:
-                    final_matching = matching
+                    final_matching, final_weights = matching, weights
             else:
-                matching = final_matching
+                matching, weights = final_matching, final_weights
 
             class_targets = one_hot_class_targets(matching, sup, K + 1)
             if self.use_reclass:
@@ -167,7 +201,8 @@ class SetCriterion:
                                                 rcfg.reclass_activation, rcfg.reclass_unmatched,
                                                 rcfg.reclass_normalize)
             if cfg.pq_class_weight > 0 or cfg.pq_dice_weight > 0:
-                cls_loss, dice_loss = pq_style_loss(logits, probs, sup, matching, cfg.pq_alpha, class_targets)
+                cls_loss, dice_loss = pq_style_loss(logits, probs, sup, matching, cfg.pq_alpha, class_targets,
+                                                    weights)
                 if cfg.pq_class_weight > 0:
                     terms[f"loss_pq_class/{name}"] = cfg.pq_class_weight * cls_loss
                 if cfg.pq_dice_weight > 0:

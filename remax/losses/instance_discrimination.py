@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from remax.losses.reduction import nonzero_mean
 from remax.losses.targets import DenseTargets
 
 VOID_LOGIT = -99999.0
@@ -43,7 +44,12 @@ def instance_discrimination_loss(
     generator: torch.Generator | None = None,
     samples: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Contrastive loss on B×D×P pixel embeddings: per-image mean over valid samples, then batch mean.
+    """Contrastive loss on B×D×P pixel embeddings: per-image mean over the valid samples with a non-zero loss,
+    then batch mean.
+
+    Invalid samples (void pixels drawn only when an image has fewer labelled pixels than ``sample_k``) are left
+    out of every row's softmax as well; the reference keeps them there as columns, but never trains on such
+    images (it re-samples images with at most 4096 labelled pixels).
 
     ``samples``: ``(indices, sample_valid)`` from :func:`gumbel_topk_pixels`, to share one draw between outputs.
     """
@@ -66,6 +72,5 @@ def instance_discrimination_loss(
     seg_count = e.new_zeros(B, M + 1).scatter_add_(1, seg, torch.ones_like(e[..., 0]))
     pos = (e * seg_sum.gather(1, seg.unsqueeze(-1).expand(-1, -1, D))).sum(-1) / temperature
     per_sample = lse - pos / seg_count.gather(1, seg).clamp(min=1)
-    vf = sample_valid.to(per_sample.dtype)
-    per_image = (per_sample * vf).sum(1) / vf.sum(1).clamp(min=1)
-    return per_image.mean()
+    per_sample = torch.where(sample_valid, per_sample, torch.zeros((), device=per_sample.device))
+    return nonzero_mean(per_sample).mean()

@@ -2,7 +2,8 @@
 
 ``sample_k > 0``: cross-entropy on ``sample_k`` pixels per image drawn by the Gumbel-top-k inverse-area sampler
 (temperature 2.0 by default, as [BD]); ``sample_k = 0``: plain cross-entropy over every labeled pixel. Void is
-ignored. The mean is over all used (non-void) pixels of the batch.
+ignored. As in the reference, each image's loss is averaged over its pixels with a non-zero loss, then the batch
+mean is taken, so an image with few labelled pixels weighs as much as one with many.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import Tensor
 
 from remax.losses.instance_discrimination import gumbel_topk_pixels
+from remax.losses.reduction import nonzero_mean
 from remax.losses.targets import DenseTargets
 
 
@@ -39,5 +41,5 @@ def semantic_loss(
         labels = labels.gather(1, idx)
     log_p = torch.log_softmax(flat, dim=1)
     nll = -log_p.gather(1, labels.clamp(max=K - 1).unsqueeze(1)).squeeze(1)
-    vf = valid.to(nll.dtype)
-    return (nll * vf).sum() / vf.sum().clamp(min=1)
+    nll = torch.where(valid, nll, torch.zeros((), device=nll.device))
+    return nonzero_mean(nll).mean()

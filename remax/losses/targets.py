@@ -15,31 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from remax.models.layers import subsample_stride
 from remax.structures import PanopticTarget
-
-
-def subsample_stride(input_size: tuple[int, int], output_size: tuple[int, int]) -> int:
-    """The stride ``s`` with ``ceil(H / s) == h`` and ``ceil(W / s) == w`` (641 -> 161 gives 4).
-
-    Raises ``ValueError`` when no integer stride maps the input size onto the output size.
-    """
-    (H, W), (h, w) = input_size, output_size
-    if h <= 0 or w <= 0 or H <= 0 or W <= 0:
-        raise ValueError(f"bad sizes for sub-sampling: input {input_size}, output {output_size}")
-    candidates = []
-    for big, small in ((H, h), (W, w)):
-        if small > 1:
-            candidates.append(max(1, round((big - 1) / (small - 1))))
-            candidates.append(max(1, math.ceil(big / small)))
-    if not candidates:  # a 1x1 output: any stride >= the input size works
-        candidates.append(max(H, W))
-    for s in candidates:
-        if math.ceil(H / s) == h and math.ceil(W / s) == w:
-            return s
-    raise ValueError(
-        f"ground-truth id map of size {H}x{W} cannot be strided onto the prediction size {h}x{w}: "
-        f"no integer stride s gives ceil({H}/s)={h} and ceil({W}/s)={w} (inputs must be k*s+1 or a multiple of s)"
-    )
 
 
 def supervision_size(input_size: tuple[int, int], mask_size: tuple[int, int],

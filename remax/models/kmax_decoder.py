@@ -9,6 +9,8 @@ with the k-means update; then an FFN. Each of the three updates has its own drop
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -17,6 +19,9 @@ from torch import Tensor, nn
 from remax.models.heads import KMaXPredictor
 from remax.models.layers import (BN_EPS, BN_MOMENTUM, ConvBN, at_least_fp32, batch_norm, no_autocast,
                                  softmax_fp32, trunc_normal_)
+
+# (stage prediction, stage pixel feature P) -> the prediction whose "pred_masks" the k-means assignment uses.
+StageRelaxation = Callable[[dict[str, Tensor], Tensor], dict[str, Tensor]]
 
 
 def kmeans_assignment(mask_logits: Tensor) -> Tensor:
@@ -92,16 +97,20 @@ class KMaXTransformerLayer(nn.Module):
         self.drop_path_attn = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.drop_path_ffn = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, pixel_feature: Tensor, centers: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def forward(self, pixel_feature: Tensor, centers: Tensor, relax: StageRelaxation | None = None
+                ) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """pixel_feature B×C×H×W (pre-activation decoder output), centers B×D×N.
 
-        Returns the updated centres, the auxiliary prediction and the pixel feature ``P`` (the key of the
-        k-means cross-attention, input of the ReMaX semantic head).
+        ``relax(prediction, P)`` may replace the stage's mask prediction before the k-means assignment is taken
+        from it (ReMaX's ReMask in the decoder). Returns the updated centres, the auxiliary prediction and the
+        pixel feature ``P`` (the key of the k-means cross-attention, input of the ReMaX semantic head).
         """
         pixel = self.pixel_conv1(F.gelu(pixel_feature))  # P
         query = self.query_conv1(centers)  # Q
         value = self.pixel_v(pixel)  # V
         prediction = self.predictor(pixel, query, query)
+        if relax is not None:
+            prediction = relax(prediction, pixel)
         update = kmeans_cross_attention(prediction["pred_masks"], value)
         update = self.kmeans_conv3(self.kmeans_value_bn(update).to(centers.dtype))
         centers = centers + self.drop_path_kmeans(update)
@@ -144,11 +153,13 @@ class KMaXTransformerDecoder(nn.Module):
         self.mask_embedding = ConvBN(hidden_dim, hidden_dim, 1, dims=1, act=True, **bn)
         self.predictor = KMaXPredictor(final_channels, hidden_dim, num_classes, **head, **bn)
 
-    def forward(self, features: list[Tensor], pixel_feature: Tensor
+    def forward(self, features: list[Tensor], pixel_feature: Tensor,
+                relax: Callable[[int], StageRelaxation | None] | None = None
                 ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], list[Tensor]]:
         """features: decoder outputs at strides 32/16/8; pixel_feature: the stride-4 feature.
 
-        Returns (final prediction, per-layer auxiliary predictions at their own stride, per-layer ``P``).
+        ``relax(i)`` gives the relaxation of layer ``i`` (or ``None``). Returns (final prediction, per-layer
+        auxiliary predictions at their own stride, per-layer ``P``).
         """
         b = pixel_feature.shape[0]
         centers = self.cluster_centers.unsqueeze(0).expand(b, -1, -1)
@@ -156,7 +167,8 @@ class KMaXTransformerDecoder(nn.Module):
         index = 0
         for feature, count in zip(features, self.layer_counts):
             for _ in range(count):
-                centers, prediction, pixel = self.layers[index](feature, centers)
+                stage_relax = relax(index) if relax is not None else None
+                centers, prediction, pixel = self.layers[index](feature, centers, stage_relax)
                 aux.append(prediction)
                 keys.append(pixel)
                 index += 1

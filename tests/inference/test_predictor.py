@@ -230,3 +230,28 @@ def test_checkpoint_errors(cfg, tmp_path):
     torch.save(state, tmp_path / "missing_key.pt")
     with pytest.raises(CheckpointError, match="missing"):
         Predictor.from_checkpoint(tmp_path / "missing_key.pt")
+
+
+def test_keep_remask_at_test_time_from_a_training_checkpoint(cfg, tmp_path):
+    """eval.keep_remask (the paper's Table 5) keeps the ReMaX heads and relaxes the decoder's stages in eval()."""
+    path = write_checkpoint(tmp_path / "ckpt.pt", cfg)
+    state = torch.load(path, weights_only=True)
+    for key in state["model"]:  # open the k-means updates, closed at initialisation, so assignments matter
+        if key.endswith("kmeans_conv3.norm.weight"):
+            state["model"][key].fill_(1.0)
+    torch.save(state, path)
+    plain = Predictor.from_checkpoint(path)
+    kept = Predictor.from_checkpoint(path, overrides=["eval.keep_remask=true", "remax.remask_activation=sigmoid"])
+    assert plain.model.remask_heads is None and kept.model.remask_heads is not None
+    assert kept.model.remask.at_test and kept.model.remask.stages == cfg.remax.remask_stages
+    rgb = picture(40, 40, seed=3)
+    out_plain, _ = plain.forward_batch([torch.from_numpy(rgb).permute(2, 0, 1)])
+    out_kept, _ = kept.forward_batch([torch.from_numpy(rgb).permute(2, 0, 1)])
+    assert not torch.equal(out_plain["pred_masks"], out_kept["pred_masks"])
+    # Nothing to keep: no heads in the file, or a run without ReMask in the decoder.
+    no_heads = {k: v for k, v in state["model"].items() if not k.startswith(("remask_heads.", "aux_semantic"))}
+    torch.save({**state, "model": no_heads}, tmp_path / "eval_only.pt")
+    with pytest.raises(CheckpointError, match="semantic heads"):
+        Predictor.from_checkpoint(tmp_path / "eval_only.pt", overrides=["eval.keep_remask=true"])
+    with pytest.raises(ValueError, match="ReMask in the decoder"):
+        Predictor.from_checkpoint(path, overrides=["eval.keep_remask=true", "remax.remask_in_decoder=false"])

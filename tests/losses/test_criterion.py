@@ -20,11 +20,14 @@ from remax.losses import (
     remask,
     semantic_loss,
 )
+from remax.losses.pq_style import pq_loss_weights
 from remax.structures import PanopticTarget
 
 N, D, H4 = 5, 6, 4
 # Deterministic sampling: more samples than pixels takes every labeled pixel.
 LCFG = LossConfig(instance_discrimination_sample_k=64, semantic_sample_k=64)
+# The loss-only reading of ReMask: these synthetic outputs come from no model, so the criterion relaxes them.
+LOSS_ONLY = RemaxConfig(remask_in_decoder=False)
 
 
 def crit(cfg, loss_cfg=LCFG, num_classes=K):
@@ -63,7 +66,7 @@ def without_remask_heads(outputs):
 
 def test_breakdown_sums_to_total_and_names_every_term():
     outputs, _ = make_outputs()
-    total, bd = crit(RemaxConfig())(outputs, [target_a(), target_b()])
+    total, bd = crit(LOSS_ONLY)(outputs, [target_a(), target_b()])
     names = ["final", "aux0", "aux1", "aux2"]
     for term in ("loss_pq_class", "loss_pq_dice", "loss_mask_id", "loss_instance_discrimination"):
         for name in names:
@@ -78,10 +81,11 @@ def _baseline_by_hand(outputs, targets):
     dense = build_dense_targets(targets, (H4, H4), K)
     final_probs = outputs["pred_masks"].flatten(2).softmax(1)
     matching = hungarian_match(outputs["pred_logits"], final_probs, dense)
+    weights = pq_loss_weights(outputs["pred_logits"], final_probs, dense, matching, 0.75)
     terms = []
     for out in [outputs] + outputs["aux_outputs"]:
         masks = out["pred_masks"].flatten(2)
-        cls, dice = pq_style_loss(out["pred_logits"], masks.softmax(1), dense, matching, 0.75)
+        cls, dice = pq_style_loss(out["pred_logits"], masks.softmax(1), dense, matching, 0.75, weights=weights)
         terms += [3.0 * cls, 3.0 * dice, 0.3 * mask_id_loss(masks, dense, matching, "softmax"),
                   1.0 * instance_discrimination_loss(out["pixel_embeddings"].flatten(2), dense, 64, 1.5, 0.3)]
     terms.append(1.0 * semantic_loss(outputs["semantic_logits"], dense, 64, 2.0))
@@ -103,7 +107,7 @@ def test_remax_off_equals_kmax_baseline_exactly():
     # And equal to the objective composed by hand from the loss functions.
     assert off.item() == pytest.approx(_baseline_by_hand(outputs, targets).item(), rel=1e-6)
     # ReMaX on changes it.
-    on, _ = crit(RemaxConfig())(outputs, targets)
+    on, _ = crit(LOSS_ONLY)(outputs, targets)
     assert not torch.isclose(on, off)
 
 
@@ -128,7 +132,7 @@ def test_mask_id_activation_follows_remax_switch():
 def test_remask_relaxes_only_the_first_stages_with_shared_matching(use_gt):
     outputs, _ = make_outputs()
     targets = [target_a(), target_b()]
-    cfg = RemaxConfig(remask_stages=2, reclass=False, remask_use_gt=use_gt)
+    cfg = dataclasses.replace(LOSS_ONLY, remask_stages=2, reclass=False, remask_use_gt=use_gt)
     _, bd = crit(cfg)(outputs, targets)
     _, bd_off = crit(dataclasses.replace(cfg, remask=False))(outputs, targets)
     for name in ("final", "aux2"):  # not relaxed: identical
@@ -136,13 +140,15 @@ def test_remask_relaxes_only_the_first_stages_with_shared_matching(use_gt):
             assert bd[f"{term}/{name}"] == bd_off[f"{term}/{name}"]
     # Relaxed stages, recomputed by hand with the final output's matching.
     dense = build_dense_targets(targets, (H4, H4), K)
-    matching = hungarian_match(outputs["pred_logits"], outputs["pred_masks"].flatten(2).softmax(1), dense)
+    final_probs = outputs["pred_masks"].flatten(2).softmax(1)
+    matching = hungarian_match(outputs["pred_logits"], final_probs, dense)
+    weights = pq_loss_weights(outputs["pred_logits"], final_probs, dense, matching)
     for i in range(2):
         aux = outputs["aux_outputs"][i]
         sem = None if use_gt else outputs["remask_semantic_logits"][i].flatten(2)
         relaxed = remask(aux["pred_masks"].flatten(2), aux["pred_logits"], sem, activation=cfg.remask_activation,
                          gt_semantic=dense.semantic() if use_gt else None)
-        cls, dice = pq_style_loss(aux["pred_logits"], relaxed.softmax(1), dense, matching)
+        cls, dice = pq_style_loss(aux["pred_logits"], relaxed.softmax(1), dense, matching, weights=weights)
         assert bd[f"loss_pq_class/aux{i}"] == pytest.approx(3.0 * cls.item(), rel=1e-5)
         assert bd[f"loss_pq_dice/aux{i}"] == pytest.approx(3.0 * dice.item(), rel=1e-5)
         exp_id = 0.3 * mask_id_loss(relaxed, dense, matching, cfg.mask_id_activation)
@@ -216,12 +222,12 @@ def test_semantic_heads_get_gradient_only_from_semantic_losses():
     x = torch.randn(2, 3, H4, H4)
     targets = [target_a(), target_b()]
     params = [p for h in list(model.sem_heads) + [model.aux_semantic] for p in h.parameters()]
-    _, pan, sem = _split_grads(model(x), targets, RemaxConfig(), params)
+    _, pan, sem = _split_grads(model(x), targets, LOSS_ONLY, params)
     assert all(g is None or not g.any() for g in pan)
     assert all(g is not None and g.abs().sum() > 0 for g in sem)
     # The isolation is the stop-gradient's doing: without it the panoptic loss reaches the ReMask heads.
     params = [p for h in model.sem_heads for p in h.parameters()]
-    _, pan, _ = _split_grads(model(x), targets, RemaxConfig(remask_stop_gradient=False), params)
+    _, pan, _ = _split_grads(model(x), targets, dataclasses.replace(LOSS_ONLY, remask_stop_gradient=False), params)
     assert all(g is not None and g.abs().sum() > 0 for g in pan)
 
 
@@ -240,16 +246,20 @@ def _synthetic_targets(size, n):
     return out
 
 
-def test_real_model_semantic_heads_gradient_isolation():
+@pytest.mark.parametrize("in_decoder", [True, False])
+def test_real_model_semantic_heads_gradient_isolation(in_decoder):
     models = pytest.importorskip("remax.models")
     torch.manual_seed(0)
-    model = models.build_model("nano", with_training_heads=True, input_size=(65, 65)).train()
+    cfg = RemaxConfig(remask_in_decoder=in_decoder)
+    model = models.build_model("nano", with_training_heads=True, input_size=(65, 65),
+                               remask=models.ReMaskOptions.from_config(cfg)).train()
     heads = list(model.remask_heads or []) + ([model.aux_semantic_head] if model.aux_semantic_head else [])
     assert model.remask_heads is not None and heads
     params = [p for h in heads for p in h.parameters() if p.requires_grad]
     decoder = [p for p in model.transformer_decoder.parameters() if p.requires_grad]
     outputs = model(torch.randn(2, 3, 65, 65) * 0.5)
-    terms, pan, sem = _split_grads(outputs, _synthetic_targets((65, 65), 2), RemaxConfig(), params + decoder,
+    assert all(("pred_masks_raw" in aux) == in_decoder for aux in outputs["aux_outputs"])
+    terms, pan, sem = _split_grads(outputs, _synthetic_targets((65, 65), 2), cfg, params + decoder,
                                    num_classes=model.cfg.num_classes)
     assert len([k for k in terms if k.startswith("loss_remask_semantic")]) == len(model.remask_heads)
     assert all(g is None or not g.any() for g in pan[: len(params)])
@@ -348,3 +358,53 @@ def test_errors():
         crit(RemaxConfig())(o, [target_a(), target_b()])
     with pytest.raises(ValueError, match="mask_id_activation"):
         SetCriterion(LCFG, RemaxConfig(mask_id_activation="relu"), K)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# ReMask inside the decoder: the criterion takes the model's relaxed masks as they are.
+# --------------------------------------------------------------------------------------------------------------
+
+def test_in_decoder_stages_use_the_models_relaxed_masks_and_raw_masks_for_reclass():
+    models = pytest.importorskip("remax.models")
+    from remax.losses import reclass_targets
+    from remax.losses.pq_style import one_hot_class_targets
+
+    cfg = RemaxConfig(remask_stages=2)
+    torch.manual_seed(0)
+    model = models.build_model("nano", with_training_heads=True, input_size=(65, 65),
+                               remask=models.ReMaskOptions.from_config(cfg)).train()
+    outputs = model(torch.randn(2, 3, 65, 65) * 0.5)
+    K9 = model.cfg.num_classes
+    targets = _synthetic_targets((65, 65), 2)
+    assert ["pred_masks_raw" in aux for aux in outputs["aux_outputs"]] == [True, True, False]
+    _, bd = crit(cfg, num_classes=K9)(outputs, targets)
+
+    h, w = outputs["pred_masks"].shape[-2:]
+    dense = build_dense_targets(targets, (h, w), K9)
+    final_probs = outputs["pred_masks"].flatten(2).softmax(1)
+    matching = hungarian_match(outputs["pred_logits"], final_probs, dense)
+    weights = pq_loss_weights(outputs["pred_logits"], final_probs, dense, matching)
+    for i in range(2):
+        aux = outputs["aux_outputs"][i]
+        relaxed, raw = aux["pred_masks"].flatten(2), aux["pred_masks_raw"].flatten(2)
+        soft = reclass_targets(one_hot_class_targets(matching, dense, K9 + 1), raw, dense, matching)
+        cls, dice = pq_style_loss(aux["pred_logits"], relaxed.softmax(1), dense, matching, 0.75, soft, weights)
+        assert bd[f"loss_pq_class/aux{i}"] == pytest.approx(3.0 * cls.item(), rel=1e-5)
+        assert bd[f"loss_pq_dice/aux{i}"] == pytest.approx(3.0 * dice.item(), rel=1e-5)
+        exp_id = 0.3 * mask_id_loss(relaxed, dense, matching, cfg.mask_id_activation)
+        assert bd[f"loss_mask_id/aux{i}"] == pytest.approx(exp_id.item(), rel=1e-5)
+        assert f"loss_remask_semantic/{i}" in bd
+    assert "loss_remask_semantic/2" not in bd
+
+    # A model that relaxed its stages under an objective that does not ask for it is a configuration error.
+    for other in (dataclasses.replace(cfg, remask_in_decoder=False), RemaxConfig(enabled=False)):
+        with pytest.raises(ValueError, match="applied ReMask in its decoder"):
+            crit(other, num_classes=K9)(outputs, targets)
+
+
+def test_in_decoder_objective_warns_when_the_model_relaxes_fewer_stages(caplog):
+    outputs, _ = make_outputs()
+    with caplog.at_level("WARNING"):
+        _, bd = crit(RemaxConfig())(outputs, [target_a(), target_b()])
+    assert "model relaxed 0" in caplog.text
+    assert not any(k.startswith("loss_remask_semantic") for k in bd)

@@ -130,10 +130,17 @@ def _oracle_mask_id(mask_logits, pairs, activation, reduction):
             s = 1 / (1 + np.exp(-mask_logits[:, x]))
             bce = [-(np.log(s[n]) if n == t else np.log(1 - s[n])) for n in range(N)]
             losses.append(sum(bce) if reduction == "sum" else sum(bce) / N)
+    if activation == "sigmoid" and reduction == "matched":  # per matched query: mean BCE over labelled pixels
+        per_query = []
+        for q, (_, g) in pairs.items():
+            s = 1 / (1 + np.exp(-mask_logits[q]))
+            per_query.append(np.mean([-np.log(s[x]) if g[x] else -np.log(1 - s[x]) for x in owner]))
+        return np.mean(per_query)
     return np.mean(losses)
 
 
-@pytest.mark.parametrize("activation,reduction", [("softmax", "sum"), ("sigmoid", "sum"), ("sigmoid", "mean")])
+@pytest.mark.parametrize("activation,reduction", [("softmax", "sum"), ("sigmoid", "sum"), ("sigmoid", "mean"),
+                                                  ("sigmoid", "matched")])
 @pytest.mark.parametrize("pairs,N", [([PAIRS_A, PAIRS_B], 5), ([PAIRS_A_SHORT], 3)])
 def test_mask_id_loss(activation, reduction, pairs, N):
     dense, matching, opairs, _, mask_logits = _setup(pairs, N)
@@ -187,14 +194,13 @@ def test_semantic_loss():
     dense = build_dense_targets([target_a(), target_b()], (4, 4), K)
     logits = torch.randn(2, K, 4, 4)
     full = semantic_loss(logits, dense, sample_k=0)
-    nll = []
+    per_image = []  # the reference's rule: a mean per image (A has 13 labelled pixels, B 13), then over images
     for b, (small, segs) in enumerate([(SMALL_A, SEGMENTS_A), (SMALL_B, SEGMENTS_B)]):
         lp = np.log(softmax(logits[b].reshape(K, P).double().numpy(), 0))
-        for x, seg_id in enumerate(small.reshape(-1).tolist()):
-            if seg_id == 0 or segs[seg_id - 1][2]:
-                continue
-            nll.append(-lp[segs[seg_id - 1][0], x])
-    assert full.item() == pytest.approx(np.mean(nll), rel=1e-5)
+        nll = [-lp[segs[seg_id - 1][0], x] for x, seg_id in enumerate(small.reshape(-1).tolist())
+               if seg_id != 0 and not segs[seg_id - 1][2]]
+        per_image.append(np.mean(nll))
+    assert full.item() == pytest.approx(np.mean(per_image), rel=1e-5)
     # Sampling at least P pixels per image takes every labeled pixel once: the same value.
     sampled = semantic_loss(logits, dense, sample_k=64, sample_temperature=2.0)
     assert sampled.item() == pytest.approx(full.item(), rel=1e-6)
