@@ -1,11 +1,13 @@
-"""ReMaX vs. the kMaX-DeepLab baseline at equal steps, with the ReMaX ablations (issue 7, SPEC §4.1).
+"""ReMaX vs. the kMaX-DeepLab baseline at equal steps and schedules, with the ReMaX ablations (SPEC §4.1).
 
 Every variant trains the same preset on the same data for the same number of steps from the same seeds; the
 validation PQ is measured at regular points of training. The script writes, under ``--out``:
 
-- ``results.json``: every run's PQ curve and the per-variant aggregates,
-- ``pq_vs_step.png``: mean PQ ± std against the training step, one line per variant,
-- ``table.md``: final PQ (mean ± std over seeds) and PQ at each evaluation point,
+- ``results.json``: every run's curves (PQ, thing PQ, stuff PQ) and the per-variant aggregates,
+- ``pq_vs_step.png``: mean ± std of PQ, thing PQ and stuff PQ against the training step, one line per variant,
+- ``table.md``: final PQ, thing PQ and stuff PQ (mean ± std over seeds), the first evaluated step at which PQ
+  reaches ``--reach`` (the paper's "faster convergence" is a statement about that), and PQ / thing PQ at each
+  evaluation point,
 
 and, with ``--doc docs/convergence.md``, replaces the generated block of that page with the new table.
 
@@ -37,49 +39,96 @@ from remax.config import Config, apply_kmax_baseline, get_config
 
 log = logging.getLogger("convergence")
 
-# name -> (description, config overrides). "kmax" and "kmax_step" additionally switch to the baseline recipe.
+# name -> (description, config overrides). "kmax" additionally switches to the baseline objective; every variant
+# keeps the same learning rate, weight decay and schedule (the first edition's kMaX runs kept the baseline's poly
+# schedule, which turned out to explain their whole gap).
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "remax": ("ReMaX, library defaults", []),
-    "kmax": ("kMaX-DeepLab baseline (no ReMask/ReClass, softmax mask-ID)", []),
-    "kmax_step": ("kMaX-DeepLab objective with ReMaX's step schedule (objective vs. schedule)", []),
+    "kmax": ("kMaX-DeepLab objective (no ReMask/ReClass, softmax mask-ID), same schedule", []),
+    "remask_in_loss": ("ReMask in the stages' losses only (the decoder runs on raw masks)",
+                       ["remax.remask_in_decoder=false"]),
+    "sigmoid_sum": ("sigmoid in Eq. 1 and the mask-ID loss, BCE summed over queries",
+                    ["remax.remask_activation=sigmoid", "remax.mask_id_activation=sigmoid",
+                     "loss.mask_id_sigmoid_reduction=sum"]),
+    "sigmoid_mean": ("sigmoid in Eq. 1 and the mask-ID loss, BCE averaged over queries",
+                     ["remax.remask_activation=sigmoid", "remax.mask_id_activation=sigmoid",
+                      "loss.mask_id_sigmoid_reduction=mean"]),
+    "sigmoid_matched": ("sigmoid in Eq. 1 and the mask-ID loss, Mask2Former-style BCE of matched queries",
+                        ["remax.remask_activation=sigmoid", "remax.mask_id_activation=sigmoid",
+                         "loss.mask_id_sigmoid_reduction=matched"]),
     "eta_0": ("ReClass eta = 0", ["remax.reclass_eta=0.0"]),
     "eta_0.2": ("ReClass eta = 0.2", ["remax.reclass_eta=0.2"]),
     "stages_0": ("ReMask on 0 stages", ["remax.remask_stages=0"]),
     "stages_2": ("ReMask on the first 2 stages", ["remax.remask_stages=2"]),
     "no_stop_grad": ("no stop-gradient into the semantic heads", ["remax.remask_stop_gradient=false"]),
-    "sigmoid": ("sigmoid in Eq. 1 and sigmoid mask-ID loss (the paper's Table 2 choice)",
-                ["remax.remask_activation=sigmoid", "remax.mask_id_activation=sigmoid"]),
     "gt_semantic": ("ground-truth semantic mask instead of m_sem (Table 7 control)", ["remax.remask_use_gt=true"]),
 }
 DEFAULT_VARIANTS = list(VARIANTS)
+METRICS = ("pq", "pq_things", "pq_stuff")
+PROBES = ("thing_recall", "winning_queries")
 
 
 def variant_config(base: Config, variant: str, seed: int, steps: int, eval_every: int) -> Config:
     cfg = base.override(VARIANTS[variant][1])
-    if variant in ("kmax", "kmax_step"):
+    if variant == "kmax":
         apply_kmax_baseline(cfg)
-        # Same learning rate as ReMaX so that only the objective (and for "kmax" the schedule) differs.
         cfg.train.lr = base.train.lr
         cfg.train.weight_decay = base.train.weight_decay
-        if variant == "kmax_step":
-            cfg.train.schedule = base.train.schedule
+        cfg.train.schedule = base.train.schedule
     cfg.train.seed = seed
     cfg.train.max_steps = steps
     cfg.train.eval_every = eval_every
     cfg.train.checkpoint_every = 0
-    cfg.train.keep_checkpoints = 0
+    cfg.train.keep_checkpoints = 0  # only checkpoints/last.pt, which --probe reads
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(1, steps // 10))
     return cfg
 
 
-def read_curve(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, PQ in percent) of every evaluation recorded in a run's ``metrics.jsonl``."""
+Curve = list[dict[str, float]]
+
+
+def read_curve(run_dir: Path) -> Curve:
+    """Every evaluation recorded in a run's ``metrics.jsonl``: step, PQ, thing PQ and stuff PQ in percent."""
     curve = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "eval" and "pq" in rec:
-            curve.append((int(rec["step"]), float(rec["pq"])))
+            curve.append({"step": int(rec["step"]), **{m: float(rec.get(m, math.nan)) for m in METRICS}})
     return curve
+
+
+def probe_final(run_dir: Path, max_images: int = 50) -> dict[str, float] | None:
+    """Class-agnostic probes of a run's final checkpoint (``diagnose_things.probe_queries``): queries winning
+    pixels per image and the share of thing instances some query's region covers at IoU > 0.5, which move long
+    before thing PQ does. Cached in ``probe.json`` beside the run."""
+    cache = run_dir / "probe.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.exists():
+        return None
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from diagnose_things import probe_queries
+
+    from remax.checkpoint import checkpoint_categories, checkpoint_config, load_checkpoint
+    from remax.data.coco_panoptic import COCOPanopticDataset, paths_from_config
+    from remax.inference.predictor import Predictor, load_model_from_state
+
+    state = load_checkpoint(last)
+    cfg = checkpoint_config(state)
+    predictor = Predictor(load_model_from_state(state, cfg), cfg, checkpoint_categories(state), semantic=False,
+                          instances=False)
+    val = COCOPanopticDataset.from_paths(paths_from_config(cfg.data, cfg.data.val_split))
+    probe = probe_queries(predictor, val, max_images)
+    out = {"winning_queries": probe["winning_queries_per_image"], "thing_recall": 100 * probe["recall_iou50"],
+           "found_class_correct": 100 * probe["found_class_correct"]}
+    cache.write_text(json.dumps(out))
+    return out
+
+
+def first_step_reaching(curve: Curve, threshold: float) -> int | None:
+    """The first evaluated step whose PQ is at least ``threshold`` (None if the run never gets there)."""
+    return next((int(p["step"]) for p in curve if p["pq"] >= threshold), None)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -88,19 +137,28 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(runs: dict[str, dict[int, list[tuple[int, float]]]]) -> dict[str, Any]:
+def aggregate(runs: dict[str, dict[int, Curve]], reach: float,
+              probes: dict[str, dict[int, dict[str, float]]] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for variant, by_seed in runs.items():
-        steps = sorted({s for curve in by_seed.values() for s, _ in curve})
+        steps = sorted({p["step"] for curve in by_seed.values() for p in curve})
         points = []
         for step in steps:
-            vals = [pq for curve in by_seed.values() for s, pq in curve if s == step]
-            m, sd = mean_std(vals)
-            points.append({"step": step, "mean": m, "std": sd, "n": len(vals)})
-        finals = [curve[-1][1] for curve in by_seed.values() if curve]
-        m, sd = mean_std(finals)
-        out[variant] = {"points": points, "final_mean": m, "final_std": sd, "finals": finals,
-                        "description": VARIANTS[variant][0]}
+            row: dict[str, Any] = {"step": step}
+            for m in METRICS:
+                vals = [p[m] for curve in by_seed.values() for p in curve if p["step"] == step]
+                row[m], row[f"{m}_std"] = mean_std(vals)
+                row["n"] = len(vals)
+            points.append(row)
+        finals = {m: [curve[-1][m] for curve in by_seed.values() if curve] for m in METRICS}
+        reached = [first_step_reaching(curve, reach) for curve in by_seed.values() if curve]
+        hit = [r for r in reached if r is not None]
+        found = [p for p in ((probes or {}).get(variant) or {}).values() if p]
+        out[variant] = {"points": points, "finals": finals, "description": VARIANTS[variant][0],
+                        "final": {m: mean_std(v) for m, v in finals.items()},
+                        "probe": {k: mean_std([p[k] for p in found]) for k in PROBES} if found else None,
+                        "reach": {"threshold": reach, "steps": reached, "mean": mean_std(hit)[0] if hit else None,
+                                  "n_reached": len(hit)}}
     return out
 
 
@@ -111,16 +169,23 @@ def _cell(mean: float, std: float, n: int, digits: int) -> str:
 
 def markdown_table(agg: dict[str, Any]) -> str:
     steps = sorted({p["step"] for a in agg.values() for p in a["points"]})
-    head = "| variant | what | final PQ (mean ± std) | " + " | ".join(f"PQ @ {s}" for s in steps) + " |"
-    sep = "|---|---|---|" + "---|" * len(steps)
+    reach = next(iter(agg.values()))["reach"]["threshold"] if agg else 0
+    head = ("| variant | what | final PQ | final thing PQ | final stuff PQ | things found (class-agnostic, %) | "
+            f"winning queries | first step with PQ ≥ {reach:g} | "
+            + " | ".join(f"PQ / things @ {s}" for s in steps) + " |")
+    sep = "|---|---|---|---|---|---|---|---|" + "---|" * len(steps)
     rows = [head, sep]
     for name, a in agg.items():
+        n = len(a["finals"]["pq"])
         by_step = {p["step"]: p for p in a["points"]}
-        cells = [_cell(by_step[s]["mean"], by_step[s]["std"], by_step[s]["n"], 1) if s in by_step else ""
-                 for s in steps]
-        final = _cell(a["final_mean"], a["final_std"], len(a["finals"]), 2)
-        rows.append(f"| `{name}` | {a['description']} | **{final}** (n={len(a['finals'])}) | "
-                    + " | ".join(cells) + " |")
+        cells = [f"{by_step[s]['pq']:.1f} / {by_step[s]['pq_things']:.1f}" if s in by_step else "" for s in steps]
+        finals = [_cell(*a["final"][m], n, 1) for m in METRICS]
+        r = a["reach"]
+        reached = "never" if not r["n_reached"] else f"{r['mean']:.0f} ({r['n_reached']}/{n} seeds)"
+        probe = a.get("probe")
+        found = [_cell(*probe[k], n, 1) for k in PROBES] if probe else ["", ""]
+        rows.append(f"| `{name}` | {a['description']} (n={n}) | **{finals[0]}** | {finals[1]} | {finals[2]} | "
+                    f"{found[0]} | {found[1]} | {reached} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -130,22 +195,22 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, a in agg.items():
-        xs = [p["step"] for p in a["points"]]
-        ms = [p["mean"] for p in a["points"]]
-        sds = [p["std"] for p in a["points"]]
-        style = "-" if name in ("remax", "kmax") else "--"
-        width = 2.5 if name in ("remax", "kmax") else 1.2
-        ax.plot(xs, ms, style, lw=width, marker="o", ms=3, label=name)
-        ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)], alpha=0.12)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation PQ (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5))
+    for ax, metric, label in zip(axes, METRICS, ("PQ", "thing PQ", "stuff PQ")):
+        for name, a in agg.items():
+            xs = [p["step"] for p in a["points"]]
+            ms = [p[metric] for p in a["points"]]
+            sds = [p[f"{metric}_std"] for p in a["points"]]
+            main = name in ("remax", "kmax")
+            ax.plot(xs, ms, "-" if main else "--", lw=2.5 if main else 1.2, marker="o", ms=3, label=name)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, sds)], [m + s for m, s in zip(ms, sds)], alpha=0.1)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"validation {label} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -163,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="nano")
     p.add_argument("--data", default=None, help="COCO-panoptic root (default: the synthetic data set)")
+    p.add_argument("--dataset", default=None,
+                   help="data preset (synthetic, coco, ...; default: synthetic for nano, custom with --data)")
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=600)
@@ -171,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="runs/convergence")
     p.add_argument("--doc", default=None, help="Markdown page whose generated block is replaced")
+    p.add_argument("--reach", type=float, default=40.0,
+                   help="report the first evaluated step at which each run's PQ reaches this value")
+    p.add_argument("--probe", action="store_true",
+                   help="also probe each run's final checkpoint: things found by some query (class-agnostic, IoU > "
+                        "0.5) and queries winning pixels (benchmarks/diagnose_things.py)")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: aggregate the finished runs under --out (missing seeds are left out)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -181,19 +253,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from remax.engine import train
 
-    base = get_config(args.preset, data="custom" if args.data else None)
+    base = get_config(args.preset, data=args.dataset or ("custom" if args.data else None))
     if args.data:
         base.data.root = args.data
     base.train.device = args.device
     base = base.override(args.overrides)
     out = Path(args.out)
-    runs: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    runs: dict[str, dict[int, Curve]] = {}
+    probes: dict[str, dict[int, dict[str, float]]] = {}
     t0 = time.perf_counter()
     for variant in args.variants:
         for seed in args.seeds:
             run_dir = out / variant / f"seed{seed}"
             curve = read_curve(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-            if curve and curve[-1][0] >= args.steps:
+            if curve and curve[-1]["step"] >= args.steps:
                 log.info("%s seed %d: reusing %s", variant, seed, run_dir)
             elif args.no_train:
                 log.info("%s seed %d: no finished run at %s, left out", variant, seed, run_dir)
@@ -204,17 +277,21 @@ def main(argv: list[str] | None = None) -> int:
                 train(cfg, run_dir, progress=False)
                 curve = read_curve(run_dir)
             runs.setdefault(variant, {})[seed] = curve
-    agg = aggregate(runs)
+            if args.probe:
+                probes.setdefault(variant, {})[seed] = probe_final(run_dir)
+    agg = aggregate(runs, args.reach, probes)
     out.mkdir(parents=True, exist_ok=True)
     protocol = {"preset": args.preset, "data": args.data or "synthetic", "steps": args.steps,
                 "eval_every": args.eval_every, "seeds": args.seeds, "device": args.device,
                 "threads": args.threads, "overrides": args.overrides, "torch": torch.__version__,
                 "wall_time_s": round(time.perf_counter() - t0, 1)}
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "runs": {
-        v: {str(s): c for s, c in r.items()} for v, r in runs.items()}, "aggregate": agg}, indent=2))
-    seeds = sorted({len(a["finals"]) for a in agg.values()})
+        v: {str(s): c for s, c in r.items()} for v, r in runs.items()}, "probes": {
+        v: {str(s): pr for s, pr in r.items()} for v, r in probes.items()}, "aggregate": agg}, indent=2))
+    seeds = sorted({len(a["finals"]["pq"]) for a in agg.values()})
     plot(agg, out / "pq_vs_step.png",
-         f"{args.preset}: validation PQ vs. step ({'/'.join(map(str, seeds))} seeds per variant)")
+         f"{args.preset}: validation PQ, thing PQ and stuff PQ vs. step "
+         f"({'/'.join(map(str, seeds))} seeds per variant, mean ± std)")
     table = markdown_table(agg)
     (out / "table.md").write_text(table + "\n")
     print(table)

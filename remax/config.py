@@ -46,6 +46,8 @@ class ModelConfig:
     pixel_head_dim: int = 256
     drop_path: float = 0.2  # transformer decoder drop path
     void_prior: float = 0.9  # P(void) at initialisation, through a constant bias on the void logit
+    mask_scale_init: float = 0.1  # initial gamma of the shared BN on the mask logits (the reference's 0.1)
+    kmeans_update_init: float = 0.0  # initial gamma of the BN closing each k-means update (the reference's 0)
     bn_momentum: float = 0.01
     bn_eps: float = 1e-3
     # Training-only heads (never built for inference unless asked for).

@@ -29,12 +29,13 @@ class KMaXPredictor(nn.Module):
     """Mask and class prediction from a pixel feature and (mask, class) cluster embeddings.
 
     Pixel head: depthwise 5×5 → 1×1 (``head_dim``) → 1×1 (``embedding_dim``, with bias) + BN → L2 norm.
-    Mask logits ``BN_1(e(x)·w_i)`` share one γ/β over all queries and pixels.
+    Mask logits ``BN_1(e(x)·w_i)`` share one γ/β over all queries and pixels (γ starts at ``mask_scale_init``,
+    0.1 in the reference).
     """
 
     def __init__(self, pixel_channels: int, query_channels: int, num_classes: int, *, head_dim: int = 256,
-                 embedding_dim: int = 128, void_prior: float = 0.9, bn_momentum: float = BN_MOMENTUM,
-                 bn_eps: float = BN_EPS):
+                 embedding_dim: int = 128, void_prior: float = 0.9, mask_scale_init: float = 0.1,
+                 bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS):
         super().__init__()
         bn = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
         self.pixel_conv0 = ConvBN(pixel_channels, pixel_channels, 5, padding=2, groups=pixel_channels, act=True,
@@ -45,7 +46,7 @@ class KMaXPredictor(nn.Module):
         self.class_head = nn.Conv1d(query_channels, num_classes + 1, 1)
         trunc_normal_(self.class_head.weight, 0.01)
         nn.init.zeros_(self.class_head.bias)
-        self.mask_bn = batch_norm(1, 3, momentum=bn_momentum, eps=bn_eps, init=0.1)
+        self.mask_bn = batch_norm(1, 3, momentum=bn_momentum, eps=bn_eps, init=mask_scale_init)
         self.void_bias = void_prior_bias(num_classes, void_prior)
 
     def forward(self, pixel_feature: Tensor, mask_embeddings: Tensor, class_embeddings: Tensor

@@ -70,8 +70,8 @@ class KMaXTransformerLayer(nn.Module):
 
     def __init__(self, pixel_channels: int, num_classes: int, *, hidden_dim: int = 256, bottleneck_dim: int = 256,
                  num_heads: int = 8, ffn_dim: int = 2048, drop_path: float = 0.0, head_dim: int = 256,
-                 embedding_dim: int = 128, void_prior: float = 0.9, bn_momentum: float = BN_MOMENTUM,
-                 bn_eps: float = BN_EPS):
+                 embedding_dim: int = 128, void_prior: float = 0.9, mask_scale_init: float = 0.1,
+                 kmeans_update_init: float = 0.0, bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS):
         super().__init__()
         bn = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
         self.key_depth = bottleneck_dim // 2
@@ -81,10 +81,13 @@ class KMaXTransformerLayer(nn.Module):
         self.query_conv1 = ConvBN(hidden_dim, bottleneck_dim, 1, dims=1, act=True, **bn)
         self.pixel_v = ConvBN(bottleneck_dim, self.value_depth, 1, std=std, **bn)
         self.predictor = KMaXPredictor(bottleneck_dim, bottleneck_dim, num_classes, head_dim=head_dim,
-                                       embedding_dim=embedding_dim, void_prior=void_prior, **bn)
+                                       embedding_dim=embedding_dim, void_prior=void_prior,
+                                       mask_scale_init=mask_scale_init, **bn)
         # k-means update.
         self.kmeans_value_bn = batch_norm(self.value_depth, 1, momentum=bn_momentum, eps=bn_eps)
-        self.kmeans_conv3 = ConvBN(self.value_depth, hidden_dim, 1, dims=1, norm_init=0.0, **bn)
+        # Zero-initialised in the reference: the centres start image-independent and the k-means update opens as
+        # its BN scale grows.
+        self.kmeans_conv3 = ConvBN(self.value_depth, hidden_dim, 1, dims=1, norm_init=kmeans_update_init, **bn)
         # Query self-attention.
         self.query_qkv = ConvBN(bottleneck_dim, 2 * self.key_depth + self.value_depth, 1, dims=1, std=std, **bn)
         self.self_attention = QuerySelfAttention(self.value_depth, num_heads, **bn)
@@ -132,20 +135,23 @@ class KMaXTransformerDecoder(nn.Module):
                  layers: tuple[int, ...] = (2, 2, 2), num_queries: int = 128, hidden_dim: int = 256,
                  bottleneck_dim: int = 256, num_heads: int = 8, ffn_dim: int = 2048, drop_path: float = 0.0,
                  head_dim: int = 256, embedding_dim: int = 128, void_prior: float = 0.9,
-                 bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS):
+                 mask_scale_init: float = 0.1, kmeans_update_init: float = 0.0, bn_momentum: float = BN_MOMENTUM,
+                 bn_eps: float = BN_EPS):
         super().__init__()
         if len(layers) != len(in_channels):
             raise ValueError(f"transformer decoder layers {layers} must give one count per input stride "
                              f"({len(in_channels)})")
         bn = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
-        head = dict(head_dim=head_dim, embedding_dim=embedding_dim, void_prior=void_prior)
+        head = dict(head_dim=head_dim, embedding_dim=embedding_dim, void_prior=void_prior,
+                    mask_scale_init=mask_scale_init)
         self.layer_counts = tuple(layers)
         self.layers = nn.ModuleList()
         for channels, count in zip(in_channels, layers):
             for _ in range(count):
                 self.layers.append(KMaXTransformerLayer(
                     channels, num_classes, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim,
-                    num_heads=num_heads, ffn_dim=ffn_dim, drop_path=drop_path, **head, **bn))
+                    num_heads=num_heads, ffn_dim=ffn_dim, drop_path=drop_path,
+                    kmeans_update_init=kmeans_update_init, **head, **bn))
         # Stored as D×N and tiled over the batch.
         self.cluster_centers = nn.Parameter(torch.empty(hidden_dim, num_queries))
         trunc_normal_(self.cluster_centers, 1.0)

@@ -63,7 +63,8 @@ class KMaXDeepLab(nn.Module):
             dec_channels[:3], dec_channels[3], cfg.num_classes, layers=tuple(cfg.transformer_decoder_layers),
             num_queries=cfg.num_queries, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.kmeans_bottleneck_dim,
             num_heads=cfg.self_attention_heads, ffn_dim=cfg.ffn_dim, drop_path=cfg.drop_path,
-            head_dim=cfg.pixel_head_dim, embedding_dim=cfg.pixel_embedding_dim, void_prior=cfg.void_prior, **bn)
+            head_dim=cfg.pixel_head_dim, embedding_dim=cfg.pixel_embedding_dim, void_prior=cfg.void_prior,
+            mask_scale_init=cfg.mask_scale_init, kmeans_update_init=cfg.kmeans_update_init, **bn)
         self.aux_semantic_head: AuxSemanticDecoder | None = None
         self.remask_heads: nn.ModuleList | None = None
         if with_training_heads:
