@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         optim.step()
         if step % args.eval_every == 0 or step == args.steps:
-            row = {"step": step, "loss": round(float(loss.detach()), 4), **{k: round(v, 1) for k, v in evaluate().items()},
+            scores = {k: round(v, 1) for k, v in evaluate().items()}
+            row = {"step": step, "loss": round(float(loss.detach()), 4), **scores,
                    "seconds": round(time.perf_counter() - start)}
             print(json.dumps(row), flush=True)
     return 0

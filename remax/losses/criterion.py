@@ -7,9 +7,9 @@ The Hungarian matching is computed once on the final (unrelaxed) output and shar
 weights, by every auxiliary output (kMaX-DeepLab's deep supervision). A relaxed stage's mask terms use ``m̃``: the
 model's own ``pred_masks`` when ReMask runs in the decoder (``remax.remask_in_decoder``, the default; the raw
 logits then come as ``pred_masks_raw`` for ReClass), or ``m̃`` formed here from the stage's semantic logits in the
-loss-only reading. Everything runs in fp32 with autocast disabled. The mask terms see the logits at their own stride-4 grid, or
-upsampled bilinearly when ``loss.mask_loss_stride`` is finer; instance discrimination and the semantic terms
-always use their heads' own resolution.
+loss-only reading. Everything runs in fp32 with autocast disabled. The mask terms see the logits at their own
+stride-4 grid, or upsampled bilinearly when ``loss.mask_loss_stride`` is finer; instance discrimination and the
+semantic terms always use their heads' own resolution.
 """
 
 from __future__ import annotations

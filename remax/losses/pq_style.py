@@ -59,7 +59,8 @@ def pq_loss_weights(
     matching: Matching,
     alpha: float = 0.75,
 ) -> PQWeights:
-    """The PQ-style weights of one output: ``pred_logits`` B×N×(K+1), ``mask_probs`` B×N×P (softmax over queries)."""
+    """The PQ-style weights of one output: ``pred_logits`` B×N×(K+1), ``mask_probs`` B×N×P (softmax over
+    queries)."""
     C = pred_logits.shape[-1]
     mask_probs = mask_probs.float()
     P = mask_probs.shape[-1]

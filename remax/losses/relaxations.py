@@ -1,7 +1,7 @@
 """The two ReMaX training-time relaxations (SPEC §4.1; ReMaX paper §3.1-3.2).
 
-* ReMask (Eq. 1-2): ``m̂_sem = σ(m_sem)·σ(p)ᵀ``, ``m̃_pan = m_pan + m̂_sem ⊙ m_pan``. The operation lives with the
-  model (:mod:`remax.models.remask`), which applies it inside the decoder; it is re-exported here for the
+* ReMask (Eq. 1-2): ``m̂_sem = σ(m_sem)·σ(p)ᵀ``, ``m̃_pan = m_pan + m̂_sem ⊙ m_pan``. The operation lives with
+  the model (:mod:`remax.models.remask`), which applies it inside the decoder; it is re-exported here for the
   loss-only reading (``remax.remask_in_decoder=false``).
 * ReClass (Eq. 3-4): ``y_m = σ(m_pan)ᵀS / Σ_HW S`` (detached), ``ŷ = η·y_m + (1 − η·y_m) ⊙ y``: the class
   target of a query is softened towards every class its mask overlaps.

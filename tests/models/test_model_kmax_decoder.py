@@ -147,3 +147,24 @@ def test_decoder_shapes_per_layer() -> None:
 def test_decoder_needs_one_layer_count_per_stride() -> None:
     with pytest.raises(ValueError, match="one count per input stride"):
         KMaXTransformerDecoder([16, 12, 10], 6, num_classes=4, layers=(1, 1), **SMALL)
+
+
+def test_initialisation_knobs_of_the_mask_scale_and_kmeans_update():
+    """The reference starts the mask-logit BN scale at 0.1 and the k-means update closed (0); both can be set."""
+    from remax.models import build_model
+
+    plain = build_model("nano", input_size=(65, 65))
+    assert all(float(m.mask_bn.weight) == pytest.approx(0.1) for m in plain.modules() if hasattr(m, "mask_bn"))
+    assert all(not layer.kmeans_conv3.norm.weight.any() for layer in plain.transformer_decoder.layers)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 65, 65)
+    open_ = build_model("nano", input_size=(65, 65), mask_scale_init=1.0, kmeans_update_init=0.5).eval()
+    assert all(float(m.mask_bn.weight) == 1.0 for m in open_.modules() if hasattr(m, "mask_bn"))
+    assert all(bool((layer.kmeans_conv3.norm.weight == 0.5).all()) for layer in open_.transformer_decoder.layers)
+    # With the k-means update closed (and the reference's zero-initialised self-attention and FFN residuals) the
+    # centres, and so the class logits, are the same for every image at initialisation; open, they depend on it.
+    closed = build_model("nano", input_size=(65, 65)).eval()
+    logits = closed(x)["pred_logits"]
+    assert torch.allclose(logits[0], logits[1])
+    logits = open_(x)["pred_logits"]
+    assert not torch.allclose(logits[0], logits[1])

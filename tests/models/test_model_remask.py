@@ -142,7 +142,8 @@ def test_multiplier_at_initialisation(num_classes):
     1 + 1/K with the softmax, and at the requested value with the prior bias."""
     K = num_classes
     kw = dict(num_classes=K)
-    plain = build_model("nano", with_training_heads=True, input_size=SIZE, remask=ReMaskOptions(stages=1, activation="sigmoid"), **kw)
+    plain = build_model("nano", with_training_heads=True, input_size=SIZE,
+                        remask=ReMaskOptions(stages=1, activation="sigmoid"), **kw)
     assert _stage0_multiplier(plain, "sigmoid") == pytest.approx(1 + K / 4, rel=0.02)
     soft = build_model("nano", with_training_heads=True, input_size=SIZE, remask=ReMaskOptions(stages=1), **kw)
     assert _stage0_multiplier(soft, "softmax") == pytest.approx(1 + 1 / K, rel=0.01)
