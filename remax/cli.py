@@ -371,6 +371,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass")
     p.add_argument("--no-per-class", action="store_true", help="print only the All/Things/Stuff rows")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--protocol", choices=("remax", "reference"), default=None,
+                   help="pre-/post-processing: remax (the checkpoint's eval.protocol, by default remax) or "
+                        "reference, as bytedance/kmax-deeplab evaluates (same as --set eval.protocol=reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
     p.set_defaults(func=_cmd_eval)
@@ -390,16 +393,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from remax.data.coco_panoptic import COCOPanopticDataset
             from remax.inference.predictor import Predictor
 
-            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overrides=args.overrides)
+            overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol else [])
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overrides=overrides)
             cfg = predictor.cfg
             split = args.split or cfg.data.val_split
-            dataset = COCOPanopticDataset.from_root(args.data, split)
+            # The data set's contiguous ids follow the checkpoint's class order (matched by category id).
+            dataset = COCOPanopticDataset.from_root(args.data, split, category_order=predictor.categories)
             result = evaluate_model(predictor.model, dataset, cfg, predictor.categories, device=predictor.device,
                                     max_images=args.max_images, progress=not args.no_progress,
                                     batch_size=args.batch_size)
         else:
-            if args.overrides:
-                raise CLIError("--set only applies to --checkpoint evaluation")
+            if args.overrides or args.protocol:
+                raise CLIError("--set and --protocol only apply to --checkpoint evaluation")
             if not (args.gt or args.gt_json):
                 raise CLIError("--pred-json needs --gt ROOT or --gt-json FILE")
             if args.gt_json:
@@ -488,6 +493,52 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# remax convert-checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_convert_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert-checkpoint", help="turn a released kMaX-DeepLab (detectron2) checkpoint into a remax checkpoint",
+        description="Reads SRC (a bytedance/kmax-deeplab checkpoint: {'model': state_dict, ...} or a bare "
+                    "state_dict; read with weights_only=True), maps every tensor by name onto PRESET and writes "
+                    "DST, a remax checkpoint with config and categories for remax predict / eval / train "
+                    "--init-from. See docs/models.md, 'Model zoo'.")
+    p.add_argument("src", metavar="SRC", help="reference checkpoint (.pth)")
+    p.add_argument("dst", metavar="DST", help="remax checkpoint to write (.pt)")
+    p.add_argument("--preset", required=True, help="model preset of the checkpoint, e.g. kmax_r50, kmax_convnext_l")
+    p.add_argument("--dataset", default=None, choices=["coco", "cityscapes", "ade20k"],
+                   help="data set the checkpoint was trained on (categories and class order; default: the "
+                        "preset's, e.g. cityscapes for kmax_cityscapes_r50, coco for kmax_r50)")
+    p.add_argument("--drop-training-heads", action="store_true",
+                   help="drop the auxiliary semantic head (inference-only file); default: keep it for fine-tuning")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the stored config, e.g. model.input_size=[641,641] (repeatable)")
+    p.set_defaults(func=_cmd_convert_checkpoint)
+
+
+def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from remax.checkpoint import CheckpointError
+    from remax.config import PRESET_DATA
+    from remax.convert import convert_reference_checkpoint
+
+    try:
+        dataset = args.dataset or PRESET_DATA.get(args.preset, "coco")
+        summary = convert_reference_checkpoint(args.src, args.dst, args.preset, dataset,
+                                               keep_aux_head=not args.drop_training_heads,
+                                               overrides=args.overrides)
+    except CheckpointError as exc:
+        raise CLIError(_first_line(exc)) from None
+    except (OSError, ValueError) as exc:  # ReferenceConversionError is a ValueError
+        raise CLIError(str(exc)) from None
+    aux = "kept (void row dropped)" if summary.aux_head else "dropped"
+    print(f"converted {args.src} -> {summary.path}: {summary.preset} on {summary.dataset} "
+          f"({summary.num_classes} classes), {summary.mapped} tensors mapped, {len(summary.dropped)} dropped, "
+          f"auxiliary semantic head {aux}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # remax bench
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -558,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
     _add_predict_parser(sub)
     _add_bench_parser(sub)
+    _add_convert_checkpoint_parser(sub)
     _add_data_parser(sub)
     _add_models_parser(sub)
     _add_config_parser(sub)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,12 +28,20 @@ class ModelConfig:
     backbone_pretrained: bool = False  # True downloads ImageNet weights through timm / the HF hub
     backbone_pretrained_file: str = ""  # a local timm checkpoint instead of the hub (offline; implies pretrained)
     backbone_drop_path: float = 0.0
+    # BatchNorm eps / momentum of the backbone's own BN layers; None keeps timm's (1e-5 / 0.1). The kMaX reference
+    # (and deeplab2, where ReMaX was trained) uses 1e-3 / 0.01 in its ResNet-50, so its weights need 1e-3.
+    backbone_bn_eps: float | None = None
+    backbone_bn_momentum: float | None = None
     input_size: tuple[int, int] = (641, 641)  # fixed padded input (H, W), each k*32+1
     num_classes: int = 133  # K, without void; class order is [things..., stuff...], void is index K
     # Pixel decoder, coarse to fine (strides 32, 16, 8, 4): blocks per stage, base width d (block output 4d).
     pixel_decoder_layers: tuple[int, ...] = (1, 5, 1, 1)
     pixel_decoder_channels: tuple[int, ...] = (512, 256, 128, 64)
     pixel_decoder_block_types: tuple[str, ...] = ("axial", "axial", "bottleneck", "bottleneck")
+    # A fifth, high-resolution pixel-decoder stage on a backbone "stem" feature (then 5 entries above): "" (none),
+    # "reference" (the kMaX reference's Cityscapes stem feature, stride 4) or "stride2" (a true stride-2 feature,
+    # predictions at stride 2). See remax/models/backbones.py.
+    pixel_decoder_stem_feature: str = ""
     axial_heads: int = 8
     axial_max_length: int = 255  # longest axis the relative-position tables cover
     # kMaX transformer decoder: layers at strides 32, 16, 8.
@@ -52,6 +61,9 @@ class ModelConfig:
     bn_eps: float = 1e-3
     # Training-only heads (never built for inference unless asked for).
     aux_semantic_head: bool = True  # kMaX auxiliary semantic decoder on backbone features
+    # True: the Panoptic-DeepLab-style decoder on res5/res3/res2; False: the reference's light head on res5 alone
+    # (its Cityscapes configurations, USE_AUX_SEMANTIC_DECODER: False).
+    aux_semantic_decoder: bool = True
     semantic_head_channels: int = 256
     aspp_dilations: tuple[int, ...] = (6, 12, 18)
     remask_stages: int = 4  # ReMaX per-stage semantic heads on the first n decoder layers (0 = none)
@@ -97,8 +109,9 @@ class LossConfig:
     pq_alpha: float = 0.75
     mask_id_activation: str = "softmax"  # overridden by RemaxConfig.mask_id_activation when ReMaX is on
     # Sigmoid mask-ID: "sum" or "mean" of the per-query BCE over the N queries, or "matched" (Mask2Former style:
-    # matched queries only, mean over pixels, then over the matched masks). See remax/losses/mask_id.py.
-    mask_id_sigmoid_reduction: str = "sum"
+    # matched queries only, mean over pixels, then over the matched masks). See remax/losses/mask_id.py; "mean"
+    # is the default on the evidence of docs/convergence.md (second edition).
+    mask_id_sigmoid_reduction: str = "mean"
     instance_discrimination_sample_k: int = 4096
     instance_discrimination_sample_temperature: float = 1.5
     instance_discrimination_temperature: float = 0.3
@@ -191,6 +204,9 @@ class EvalConfig:
     compute_miou: bool = True
     # Keep ReMask (and its semantic heads) at test time, the paper's Table 5 control; needs a training checkpoint.
     keep_remask: bool = False
+    # "remax" (default) or "reference": pre-/post-processing exactly as bytedance/kmax-deeplab evaluates, to
+    # reproduce its published numbers (docs/evaluation.md; measured difference in docs/benchmarks.md).
+    protocol: str = "remax"
 
 
 @dataclass
@@ -240,6 +256,12 @@ def _to_plain(value: Any) -> Any:
 
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # Optional[X]: None or an X
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where) if len(inner) == 1 else value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")
@@ -309,6 +331,20 @@ def _assign(cfg: Any, key: str, value: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 _R50_DECODER = dict(pixel_decoder_layers=(1, 5, 1, 1), transformer_decoder_layers=(2, 2, 2))
+# The reference ResNet-50 backbone normalises with the decoder's SyncBN settings, not torchvision's/timm's.
+_REFERENCE_BN = dict(backbone_bn_eps=1e-3, backbone_bn_momentum=0.01)
+# bytedance/kmax-deeplab configs/cityscapes/panoptic_segmentation/kmax_*.yaml: 19 classes, 256 queries, 1025×2049,
+# a fifth pixel-decoder stage (one bottleneck of width 32, 128 channels out, which becomes the pixel feature) on the
+# backbone's "stem" feature, and the light res5 auxiliary semantic head. Any Cityscapes preset built on the
+# reference architecture (the ReMaX ones too) takes this dict rather than restating it.
+_CITYSCAPES_DECODER = dict(
+    input_size=(1025, 2049), num_classes=19, num_queries=256, pixel_decoder_layers=(1, 5, 1, 1, 1),
+    pixel_decoder_channels=(512, 256, 128, 64, 32),
+    pixel_decoder_block_types=("axial", "axial", "bottleneck", "bottleneck", "bottleneck"),
+    pixel_decoder_stem_feature="reference", transformer_decoder_layers=(2, 2, 2), aux_semantic_decoder=False)
+# configs/ade20k/panoptic_segmentation/kmax_*.yaml: the COCO architecture with 150 classes and no drop path in the
+# transformer decoder.
+_ADE20K_DECODER = dict(input_size=(1281, 1281), num_classes=150, drop_path=0.0, **_R50_DECODER)
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # ReMaX family (ReMaX paper, Table 12).
@@ -317,14 +353,18 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "remax_s": dict(backbone="mobilenetv3_large_100", input_size=(641, 641), pixel_decoder_layers=(1, 1, 1, 1),
                     transformer_decoder_layers=(1, 1, 1)),
     "remax_m": dict(backbone="resnet50", input_size=(641, 641), pixel_decoder_layers=(1, 5, 1, 1),
-                    transformer_decoder_layers=(1, 1, 1)),
-    "remax_b": dict(backbone="resnet50", input_size=(1281, 1281), **_R50_DECODER),
+                    transformer_decoder_layers=(1, 1, 1), **_REFERENCE_BN),
+    "remax_b": dict(backbone="resnet50", input_size=(1281, 1281), **_R50_DECODER, **_REFERENCE_BN),
     # kMaX-DeepLab family (kMaX paper; reference checkpoints).
-    "kmax_r50": dict(backbone="resnet50", input_size=(1281, 1281), **_R50_DECODER),
+    "kmax_r50": dict(backbone="resnet50", input_size=(1281, 1281), **_R50_DECODER, **_REFERENCE_BN),
     "kmax_convnext_t": dict(backbone="convnext_tiny", backbone_drop_path=0.3, input_size=(1281, 1281), **_R50_DECODER),
     "kmax_convnext_s": dict(backbone="convnext_small", backbone_drop_path=0.4, input_size=(1281, 1281), **_R50_DECODER),
     "kmax_convnext_b": dict(backbone="convnext_base", backbone_drop_path=0.5, input_size=(1281, 1281), **_R50_DECODER),
     "kmax_convnext_l": dict(backbone="convnext_large", backbone_drop_path=0.6, input_size=(1281, 1281), **_R50_DECODER),
+    "kmax_cityscapes_r50": dict(backbone="resnet50", **_CITYSCAPES_DECODER, **_REFERENCE_BN),
+    "kmax_cityscapes_convnext_l": dict(backbone="convnext_large", backbone_drop_path=0.6, **_CITYSCAPES_DECODER),
+    "kmax_ade20k_r50": dict(backbone="resnet50", **_ADE20K_DECODER, **_REFERENCE_BN),
+    "kmax_ade20k_convnext_l": dict(backbone="convnext_large", backbone_drop_path=0.7, **_ADE20K_DECODER),
     # Not a paper model: a small network for tests and the CPU demo on the synthetic data set.
     "nano": dict(backbone="mobilenetv3_small_050", input_size=(257, 257), num_classes=9,
                  pixel_decoder_layers=(1, 1, 1, 1), pixel_decoder_channels=(64, 32, 32, 16),
@@ -334,6 +374,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PAPER_PRESETS = [name for name in MODEL_PRESETS if name != "nano"]
+
+# The data preset `get_config` uses when none is given; every other preset defaults to "coco".
+PRESET_DATA: dict[str, str] = {
+    "nano": "synthetic",
+    "kmax_cityscapes_r50": "cityscapes",
+    "kmax_cityscapes_convnext_l": "cityscapes",
+    "kmax_ade20k_r50": "ade20k",
+    "kmax_ade20k_convnext_l": "ade20k",
+}
 
 
 def list_presets() -> list[str]:
@@ -358,11 +407,13 @@ def get_config(preset: str = "nano", data: str | None = None, baseline: bool = F
     ``baseline=True`` gives the kMaX-DeepLab recipe (no ReMaX, softmax mask-ID loss, lr 5e-4, poly, wd 0.05).
     """
     cfg = Config(preset=preset, model=model_config(preset))
-    data_name = data or ("synthetic" if preset == "nano" else "coco")
+    data_name = data or PRESET_DATA.get(preset, "coco")
     cfg.data = data_config(data_name)
     cfg.data.crop_size = cfg.model.input_size
     cfg.data.resize_longer_side = _fit_side(max(cfg.model.input_size))
     _apply_data_preset(cfg, data_name)
+    if cfg.model.pixel_decoder_stem_feature == "stride2":
+        cfg.loss.mask_loss_stride = 2  # the logits' own grid: stride 4 would not divide their stride of 2
     if preset == "nano":
         _apply_nano_recipe(cfg)
     if baseline:

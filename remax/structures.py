@@ -6,6 +6,7 @@ stored on disk.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,51 @@ class CategoryInfo:
     name: str
     isthing: bool
     color: tuple[int, int, int] = (0, 0, 0)
+
+
+def _describe(cats: Sequence[CategoryInfo], limit: int = 8) -> str:
+    items = [f"{c.id} ({c.name})" for c in cats[:limit]]
+    if len(cats) > limit:
+        items.append(f"… {len(cats) - limit} more")
+    return ", ".join(items)
+
+
+def category_mismatch(expected: Sequence[CategoryInfo], found: Sequence[CategoryInfo],
+                      expected_name: str = "the checkpoint", found_name: str = "the data set") -> str | None:
+    """One line naming what differs between two category sets (ids on one side only, thing/stuff kind), or
+    ``None`` when they hold the same categories, in any order.
+
+    Categories are matched by data-set id, never by position: the reference's Cityscapes and ADE20K orders are not
+    things-first, so two lists of the same classes can legitimately be ordered differently.
+    """
+    exp = {c.id: c for c in expected}
+    got = {c.id: c for c in found}
+    only_exp = [c for c in expected if c.id not in got]
+    only_got = [c for c in found if c.id not in exp]
+    kind = [c for c in expected if c.id in got and bool(got[c.id].isthing) != bool(c.isthing)]
+    parts = []
+    if only_exp:
+        parts.append(f"only in {expected_name}: {_describe(only_exp)}")
+    if only_got:
+        parts.append(f"only in {found_name}: {_describe(only_got)}")
+    if kind:
+        parts.append(f"thing/stuff differs for: {_describe(kind)}")
+    if not parts:
+        return None
+    return f"the categories of {expected_name} ({len(exp)}) and {found_name} ({len(got)}) differ: " + "; ".join(parts)
+
+
+def align_categories(categories: Sequence[CategoryInfo], order: Sequence[CategoryInfo],
+                     order_name: str = "the checkpoint", own_name: str = "the data set") -> list[CategoryInfo]:
+    """``categories`` rearranged into ``order`` (matched by id), keeping their own names and colours.
+
+    Raises ``ValueError`` with :func:`category_mismatch`'s one line when the two sets differ.
+    """
+    problem = category_mismatch(order, categories, order_name, own_name)
+    if problem:
+        raise ValueError(problem)
+    by_id = {c.id: c for c in categories}
+    return [by_id[c.id] for c in order]
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """The COCO-panoptic reader: one JSON + one PNG per image -> images and compact :class:`PanopticTarget` s.
 
 Every data set remax trains on is read here (COCO itself, converted Cityscapes / ADE20K, the synthetic set and the
-user's own data). Categories get contiguous training ids, things first then stuff, each group in JSON order.
+user's own data). Categories get contiguous training ids, things first then stuff, each group in JSON order,
+unless an order is given (``category_order``, e.g. a checkpoint's categories): the ids then follow that order,
+matched by category id, so a model whose classes are not things-first (the reference's Cityscapes and ADE20K
+models) reads its own class indices from the data.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from remax.data.io import load_json, read_image, read_panoptic_png
-from remax.structures import CategoryInfo, PanopticTarget
+from remax.structures import CategoryInfo, PanopticTarget, align_categories
 
 __all__ = ["DatasetError", "DatasetPaths", "dataset_paths", "paths_from_config", "COCOPanopticDataset",
            "categories_from_json"]
@@ -50,8 +53,8 @@ def dataset_paths(root: str | os.PathLike[str] | None, split: str, json_file: st
                   image_dir: str | os.PathLike[str] | None = None) -> DatasetPaths:
     """Paths of ``split`` in COCO's layout under ``root``; explicit paths override the derived ones.
 
-    ``ROOT/annotations/panoptic_{split}.json``, its PNG folder (the JSON path without ``.json``, as in panopticapi)
-    and ``ROOT/{split}/`` for the images.
+    ``ROOT/annotations/panoptic_{split}.json``, its PNG folder (the JSON path without ``.json``, as in panopticapi,
+    or else ``ROOT/panoptic_{split}/`` as in detectron2's layout) and ``ROOT/{split}/`` for the images.
     """
     base = Path(root) if root not in (None, "") else None
     if json_file:
@@ -61,6 +64,8 @@ def dataset_paths(root: str | os.PathLike[str] | None, split: str, json_file: st
     else:
         raise DatasetError("no annotation file: give a data set root and a split, or the JSON file explicitly")
     pd = Path(png_dir) if png_dir else _json_minus_suffix(jf)
+    if not png_dir and not pd.is_dir() and base is not None and (base / f"panoptic_{split}").is_dir():
+        pd = base / f"panoptic_{split}"  # detectron2's layout: ROOT/panoptic_{split}/ beside ROOT/annotations/
     if image_dir:
         idir = Path(image_dir)
     elif base is not None and split:
@@ -89,8 +94,10 @@ def paths_from_config(data_cfg: Any, split: str) -> DatasetPaths:
         raise DatasetError(f"split {split!r}: {exc}; set data.root (or --data ROOT)") from None
 
 
-def categories_from_json(categories: Sequence[dict], where: str = "") -> tuple[list[CategoryInfo], dict[int, int]]:
-    """Contiguous training categories (things first, then stuff, each in JSON order) and dataset id -> index."""
+def categories_from_json(categories: Sequence[dict], where: str = "",
+                         order: Sequence[CategoryInfo] | None = None) -> tuple[list[CategoryInfo], dict[int, int]]:
+    """Contiguous training categories and dataset id -> index: things first, then stuff, each in JSON order, or
+    ``order``'s order when given (a :class:`DatasetError` naming the differences if its set is not the JSON's)."""
     things, stuff = [], []
     seen: set[int] = set()
     for c in categories:
@@ -106,7 +113,16 @@ def categories_from_json(categories: Sequence[dict], where: str = "") -> tuple[l
                             color=tuple(int(v) for v in list(colour)[:3]))
         (things if info.isthing else stuff).append(info)
     ordered = things + stuff
+    if order is not None:
+        ordered = _aligned(ordered, order, where)
     return ordered, {c.id: k for k, c in enumerate(ordered)}
+
+
+def _aligned(categories: Sequence[CategoryInfo], order: Sequence[CategoryInfo], where: str) -> list[CategoryInfo]:
+    try:
+        return align_categories(categories, order, own_name=f"{where or 'the data set'}")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 class _Records(Sequence):
@@ -144,10 +160,12 @@ class COCOPanopticDataset(torch.utils.data.Dataset):
 
     ``records[i]`` holds ``image_id``, ``file_name`` (image, relative to ``image_dir``), ``png_name``, ``height``,
     ``width`` and ``segments_info`` (as in the JSON); records are decoded on access, so changing one has no effect.
+    ``category_order`` (e.g. a checkpoint's categories) sets the contiguous class order; see the module docstring.
     """
 
     def __init__(self, json_file: str | os.PathLike[str], png_dir: str | os.PathLike[str],
-                 image_dir: str | os.PathLike[str], transform: Transform | None = None) -> None:
+                 image_dir: str | os.PathLike[str], transform: Transform | None = None,
+                 category_order: Sequence[CategoryInfo] | None = None) -> None:
         self.json_file = Path(json_file)
         self.png_dir = Path(png_dir)
         self.image_dir = Path(image_dir)
@@ -159,7 +177,8 @@ class COCOPanopticDataset(torch.utils.data.Dataset):
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise DatasetError(f"{self.json_file}: a COCO-panoptic JSON needs a list '{key}'")
-        self.categories, self.category_map = categories_from_json(data["categories"], str(self.json_file))
+        self.categories, self.category_map = categories_from_json(data["categories"], str(self.json_file),
+                                                                  order=category_order)
         images: dict[str, dict] = {}
         for im in data["images"]:
             images.setdefault(str(im.get("id")), im)
@@ -177,14 +196,22 @@ class COCOPanopticDataset(torch.utils.data.Dataset):
         log.debug("%s: %d images, %d categories", self.json_file, len(self.records), len(self.categories))
 
     @classmethod
-    def from_paths(cls, paths: DatasetPaths, transform: Transform | None = None) -> "COCOPanopticDataset":
-        return cls(paths.json_file, paths.png_dir, paths.image_dir, transform=transform)
+    def from_paths(cls, paths: DatasetPaths, transform: Transform | None = None,
+                   category_order: Sequence[CategoryInfo] | None = None) -> "COCOPanopticDataset":
+        return cls(paths.json_file, paths.png_dir, paths.image_dir, transform=transform,
+                   category_order=category_order)
 
     @classmethod
-    def from_root(cls, root: str | os.PathLike[str], split: str,
-                  transform: Transform | None = None) -> "COCOPanopticDataset":
+    def from_root(cls, root: str | os.PathLike[str], split: str, transform: Transform | None = None,
+                  category_order: Sequence[CategoryInfo] | None = None) -> "COCOPanopticDataset":
         """The split ``split`` of a data set in COCO's layout under ``root``."""
-        return cls.from_paths(dataset_paths(root, split), transform=transform)
+        return cls.from_paths(dataset_paths(root, split), transform=transform, category_order=category_order)
+
+    def set_category_order(self, order: Sequence[CategoryInfo]) -> None:
+        """Renumber the contiguous class ids to follow ``order`` (matched by id; :class:`DatasetError` naming the
+        differences when the sets differ). Targets are built on access, so later items use the new ids."""
+        self.categories = _aligned(self.categories, order, str(self.json_file))
+        self.category_map = {c.id: k for k, c in enumerate(self.categories)}
 
     def __len__(self) -> int:
         return len(self.records)

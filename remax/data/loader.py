@@ -15,16 +15,18 @@ import torch
 
 from remax.data.coco_panoptic import COCOPanopticDataset, paths_from_config
 from remax.data.transforms import TrainTransform, resize_image, resize_nearest
-from remax.structures import PanopticTarget
+from remax.structures import CategoryInfo, PanopticTarget
 
 __all__ = ["build_dataset", "collate_panoptic", "build_train_loader", "build_val_loader", "fit_size"]
 
 log = logging.getLogger(__name__)
 
 
-def build_dataset(data_cfg: Any, split: str, train: bool) -> COCOPanopticDataset:
-    """The split ``split`` of ``data_cfg``; ``train=True`` attaches the training augmentation."""
-    dataset = COCOPanopticDataset.from_paths(paths_from_config(data_cfg, split))
+def build_dataset(data_cfg: Any, split: str, train: bool,
+                  category_order: Sequence[CategoryInfo] | None = None) -> COCOPanopticDataset:
+    """The split ``split`` of ``data_cfg``; ``train=True`` attaches the training augmentation. ``category_order``
+    sets the contiguous class order (e.g. a checkpoint's), matched by category id."""
+    dataset = COCOPanopticDataset.from_paths(paths_from_config(data_cfg, split), category_order=category_order)
     if train:
         dataset.transform = TrainTransform(data_cfg, dataset)
     return dataset

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from remax.config import Config
 from remax.engine import distributed as dist_utils
 from remax.engine.trainer import NonFiniteLossError, Trainer, TrainParts, seed_everything
+from remax.structures import CategoryInfo, category_mismatch
 
 __all__ = ["train", "build_parts", "Trainer", "TrainParts", "NonFiniteLossError", "save_val_overlays"]
 
@@ -39,8 +41,15 @@ def _validate_data(cfg: Config) -> None:
     validate_config_data(cfg.data, splits, check_images=cfg.data.name in ("synthetic", "custom"))
 
 
-def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
-    """The real training parts of ``cfg``; ``cfg.model.num_classes`` is set from the data set's categories."""
+def build_parts(cfg: Config, progress: bool = True,
+                init_categories: Sequence[CategoryInfo] | None = None) -> TrainParts:
+    """The real training parts of ``cfg``; ``cfg.model.num_classes`` is set from the data set's categories.
+
+    ``init_categories`` (the categories of a ``--init-from`` checkpoint): when they are the data set's categories,
+    in any order, the data set's contiguous ids follow the checkpoint's order so its class heads fit row for row;
+    when the sets differ the data set keeps its own order and the class heads start fresh (see
+    :func:`~remax.engine.trainer.load_init_weights`), said in one warning line.
+    """
     from remax.data.loader import build_dataset, collate_panoptic
     from remax.data.coco_panoptic import paths_from_config
     from remax.losses.criterion import SetCriterion
@@ -54,6 +63,13 @@ def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
         dist_utils.barrier()
     _validate_data(cfg)
     train_ds = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    if init_categories:
+        problem = category_mismatch(init_categories, train_ds.categories, "the --init-from checkpoint",
+                                    "the training data")
+        if problem:
+            log.warning("%s: its class heads are not loaded and start fresh", problem)
+        else:
+            train_ds.set_category_order(init_categories)
     categories = list(train_ds.categories)
     if cfg.model.num_classes != len(categories):
         log.info("model.num_classes set to %d from the data set's categories (was %d)", len(categories),
@@ -73,7 +89,7 @@ def build_parts(cfg: Config, progress: bool = True) -> TrainParts:
     val_ds = None
     val_paths = paths_from_config(cfg.data, cfg.data.val_split)
     if val_paths.json_file.exists():
-        val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False)
+        val_ds = build_dataset(cfg.data, cfg.data.val_split, train=False, category_order=categories)
     else:
         log.warning("no validation split at %s: skipping evaluation", val_paths.json_file)
 
@@ -137,7 +153,9 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
     """Train ``cfg`` into ``out_dir`` and return a summary (status, step, final evaluation, paths).
 
     ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` exactly; ``init_from`` loads the weights of
-    another checkpoint for fine-tuning (tensors whose shapes differ, such as a class head, are skipped).
+    another checkpoint for fine-tuning. Its categories are matched to the data set's by id: the same set in
+    another order renumbers the data set's classes to the checkpoint's order; a different set leaves the class
+    heads at their fresh initialisation (as do tensors whose shapes differ).
     Under ``torchrun`` every rank calls this; only rank 0 writes.
     """
     cfg = copy.deepcopy(cfg)
@@ -145,7 +163,12 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
 
     dist_utils.init_distributed(resolve_device(cfg.train.device).type)
     try:
-        parts = build_parts(cfg, progress=progress)
+        init_categories = None
+        if init_from:
+            from remax.checkpoint import checkpoint_categories, load_checkpoint
+
+            init_categories = checkpoint_categories(load_checkpoint(init_from, map_location="cpu")) or None
+        parts = build_parts(cfg, progress=progress, init_categories=init_categories)
         trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, progress=progress)
         return trainer.run()
     finally:

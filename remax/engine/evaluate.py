@@ -27,7 +27,7 @@ import torch
 from remax.config import Config
 from remax.evaluation import ConfusionMatrix, InstanceAP, PanopticQuality, read_panoptic_png
 from remax.evaluation.io import default_png_folder, load_json
-from remax.structures import CategoryInfo
+from remax.structures import CategoryInfo, category_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,13 @@ def _instances_from_panoptic(id_map: np.ndarray, segments: Sequence[Mapping]) ->
 
 
 def _check_categories(model_categories: Sequence[CategoryInfo], gt_categories: Mapping[int, Mapping]) -> None:
-    unknown = [c.id for c in model_categories if c.id not in gt_categories]
-    if unknown:
-        raise ValueError(f"the model predicts category ids {unknown[:10]} that the data set does not have; "
-                         f"the checkpoint was trained on other categories")
-    for c in model_categories:
-        if bool(gt_categories[c.id]["isthing"]) != bool(c.isthing):
-            raise ValueError(f"category {c.id} ({c.name}) is a {'thing' if c.isthing else 'stuff'} class for the "
-                             f"model but not in the data set")
+    """Refuse, in one line, a model whose category set is not the data set's (ids and thing/stuff kinds); the
+    order may differ, predictions are matched to the ground truth by category id."""
+    data = [CategoryInfo(id=int(cid), name=str(c.get("name", cid)), isthing=bool(c["isthing"]))
+            for cid, c in gt_categories.items()]
+    problem = category_mismatch(model_categories, data, "the model", "the data set")
+    if problem:
+        raise ValueError(f"{problem} (category ids are compared; the checkpoint was trained on other categories)")
 
 
 def _ground_truth(dataset: Any, index: int) -> tuple[torch.Tensor, np.ndarray, list[dict], Any]:
@@ -158,9 +157,11 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, cfg: Config, categories
                    batch_size: int | None = None, num_workers: int | None = None) -> dict[str, Any]:
     """Run ``model`` over ``dataset`` (a COCO-panoptic data set without training transforms) and score it.
 
-    ``categories`` are the model's classes in contiguous order; they must exist in the data set with the same
-    thing/stuff kind. ``max_images > 0`` evaluates the first that many images only. Returns the result dict
-    described in the module docstring.
+    ``categories`` are the model's classes in contiguous order; they must be the data set's categories (same ids,
+    same thing/stuff kinds) in any order: predictions are matched to the ground truth by category id, and the
+    model's semantic labels are renumbered into the metric's class order. ``max_images > 0`` evaluates the first
+    that many images only. ``cfg.eval.protocol`` selects our pre-/post-processing or the reference's. Returns the
+    result dict described in the module docstring.
     """
     from tqdm.auto import tqdm
 
@@ -172,6 +173,8 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, cfg: Config, categories
     metrics = _Metrics(dataset.categories if hasattr(dataset, "categories") else categories,
                        cfg.eval.compute_miou, cfg.eval.compute_ap)
     _check_categories(categories, metrics.pq.categories)
+    # The model's contiguous label k is category categories[k].id; the confusion matrix counts in its own order.
+    semantic_lut = torch.tensor([metrics.label_of[c.id] for c in categories], dtype=torch.int64)
     n = len(dataset) if max_images <= 0 else min(max_images, len(dataset))
     bs = max(1, batch_size or min(cfg.train.batch_size, 8))
     workers = cfg.data.num_workers if num_workers is None else num_workers
@@ -183,8 +186,9 @@ def evaluate_model(model: torch.nn.Module, dataset: Any, cfg: Config, categories
                 instances = None
                 if res.instances is not None:
                     instances = (res.instances.masks, res.instances.scores, res.instance_category_ids)
-                metrics.update(image_id, gt_map, gt_segments, res.id_map.numpy(), res.segments_info,
-                               res.semantic.numpy() if res.semantic is not None else None, instances)
+                semantic = semantic_lut[res.semantic].numpy() if res.semantic is not None else None
+                metrics.update(image_id, gt_map, gt_segments, res.id_map.numpy(), res.segments_info, semantic,
+                               instances)
             bar.update(len(batch))
     finally:
         bar.close()

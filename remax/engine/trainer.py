@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from remax.checkpoint import categories_to_state, load_checkpoint, save_checkpoint
+from remax.checkpoint import categories_to_state, checkpoint_categories, load_checkpoint, save_checkpoint
 from remax.config import Config
 from remax.engine import distributed as dist_utils
 from remax.engine.metrics import MetricsWriter, group_loss_terms, plot_curves
@@ -123,31 +123,55 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_init_weights(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+CLASS_TENSOR_MARKERS = (".class_head.", "classifier.")  # parameters with one row per class (void last or not)
+
+
+def _is_class_tensor(key: str) -> bool:
+    """Rows indexed by our classes: the decoder's class heads and the semantic classifiers (not a backbone's)."""
+    return not key.startswith("backbone.") and any(marker in f".{key}" for marker in CLASS_TENSOR_MARKERS)
+
+
+def load_init_weights(model: nn.Module, path: str | Path,
+                      categories: Sequence[CategoryInfo] | None = None) -> dict[str, list[str]]:
     """Load a checkpoint's weights for fine-tuning; tensors whose shape differs (e.g. a class head for another
-    number of classes) are skipped and reported, so the new heads keep their fresh initialisation."""
+    number of classes) are skipped and reported, so the new heads keep their fresh initialisation.
+
+    ``categories`` (the training data's, in contiguous order): when the checkpoint stores categories that are not
+    exactly these in this order, its per-class rows (class heads, semantic classifiers) would land on the wrong
+    classes, so those tensors are skipped too, even when their shapes fit (``train`` aligns the data set's order
+    with the checkpoint's first, so this happens only for a different category set).
+    """
     state = load_checkpoint(path)
     source = {k.removeprefix("module."): v for k, v in state["model"].items()}
     own = model.state_dict()
-    loadable, mismatched = {}, []
+    stored = checkpoint_categories(state)
+    other_classes = bool(categories) and bool(stored) and \
+        [(c.id, bool(c.isthing)) for c in stored] != [(c.id, bool(c.isthing)) for c in categories]
+    loadable, mismatched, reinitialised = {}, [], []
     for k, v in source.items():
         if k in own:
-            if tuple(own[k].shape) == tuple(v.shape):
-                loadable[k] = v
-            else:
+            if tuple(own[k].shape) != tuple(v.shape):
                 mismatched.append(f"{k} {tuple(v.shape)} -> {tuple(own[k].shape)}")
+            elif other_classes and _is_class_tensor(k):
+                reinitialised.append(k)
+            else:
+                loadable[k] = v
     unexpected = sorted(k for k in source if k not in own)
     missing = sorted(k for k in own if k not in source)
     model.load_state_dict(loadable, strict=False)
-    log.info("initialised from %s: %d tensors loaded, %d skipped for shape, %d missing, %d unused", path,
-             len(loadable), len(mismatched), len(missing), len(unexpected))
+    log.info("initialised from %s: %d tensors loaded, %d skipped for shape, %d class tensors left fresh (other "
+             "categories), %d missing, %d unused", path, len(loadable), len(mismatched), len(reinitialised),
+             len(missing), len(unexpected))
     for item in mismatched:
         log.info("  skipped (shape): %s", item)
+    for k in reinitialised:
+        log.info("  skipped (other categories): %s", k)
     for k in missing:
         log.debug("  not in checkpoint: %s", k)
     for k in unexpected:
         log.debug("  unused from checkpoint: %s", k)
-    return {"loaded": sorted(loadable), "mismatched": mismatched, "missing": missing, "unexpected": unexpected}
+    return {"loaded": sorted(loadable), "mismatched": mismatched, "reinitialised": sorted(reinitialised),
+            "missing": missing, "unexpected": unexpected}
 
 
 def _to_device(targets: list[Any], device: torch.device) -> list[Any]:
@@ -200,7 +224,7 @@ class Trainer:
                              "Raise train.batch_size, lower train.grad_accum_steps, or use train.sync_bn under DDP "
                              "on GPUs")
         if init_from:
-            load_init_weights(self.model, init_from)
+            load_init_weights(self.model, init_from, categories=parts.categories)
         self.model.to(self.device)
         if self.sync_bn:
             self.model = dist_utils.to_sync_batchnorm(self.model)

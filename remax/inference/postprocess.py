@@ -4,6 +4,10 @@ All functions take the outputs of ONE image: class logits ``N×(K+1)`` (void las
 the resolution the output should have (the predictor resizes them to the original image first, as the PyTorch
 reference does). They follow kmax-reference §4; where the two reference implementations differ we follow the
 TF one for the class thresholds (``>=``) and offer its area limits (0 = off, the PyTorch behaviour).
+
+``cfg.protocol == "reference"`` switches to the PyTorch reference's (bytedance/kmax-deeplab) choices, so that its
+published numbers can be reproduced: strict ``>`` class thresholds, and instances taken as the top-k (query,
+class) pairs over *all* classes before the stuff pairs are dropped (so fewer than k may remain).
 """
 
 from __future__ import annotations
@@ -14,6 +18,15 @@ import torch
 
 from remax.config import EvalConfig
 from remax.structures import PanopticPrediction
+
+PROTOCOLS = ("remax", "reference")
+
+
+def check_protocol(protocol: str) -> str:
+    """The evaluation protocol name, refused early (a typo would otherwise silently select the default)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"eval.protocol must be one of {', '.join(PROTOCOLS)}; got {protocol!r}")
+    return protocol
 
 
 @dataclass
@@ -79,7 +92,12 @@ def panoptic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     query_is_thing = is_thing[labels]
     threshold = torch.where(query_is_thing, torch.full_like(score_cls, cfg.thing_threshold),
                             torch.full_like(score_cls, cfg.stuff_threshold))
-    confident = (score_cls >= threshold) & (own_pixels > 0)
+    # TF deeplab2 keeps a score equal to the threshold; the PyTorch reference needs it strictly above.
+    if check_protocol(cfg.protocol) == "reference":
+        passes = score_cls > threshold
+    else:
+        passes = score_cls >= threshold
+    confident = passes & (own_pixels > 0)
     # Only confident queries can be kept, and the overlap test of a query depends only on the queries pasted
     # before it, so the paste loop visits the confident ones only (usually a handful), each over its own pixels.
     candidates = order[confident[order]].tolist()
@@ -144,26 +162,37 @@ def semantic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor,
 
 def instance_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, is_thing: torch.Tensor,
                          cfg: EvalConfig | None = None, topk: int = 100) -> InstancePrediction:
-    """Instance output: the top-k (query, thing class) pairs by class probability.
+    """Instance output: the top-k (query, thing class) pairs by class probability, best first.
 
     Mask = ``P_mask > pixel_confidence_threshold``; score = class probability × mean ``P_mask`` inside the mask
-    (0 for an empty mask).
+    (0 for an empty mask). Under ``cfg.protocol == "reference"`` the top-k is taken over all classes and the stuff
+    pairs are dropped afterwards, as the PyTorch reference does (high-scoring stuff queries then use up places
+    of the k), and the mean divides by ``pixels + 1e-6`` as there.
     """
     cfg = cfg or EvalConfig()
+    reference = check_protocol(cfg.protocol) == "reference"
     p_cls, p_mask = class_and_mask_probabilities(class_logits, mask_logits)
-    n, num_classes = p_cls.shape
-    thing_ids = torch.as_tensor(is_thing, dtype=torch.bool).nonzero().squeeze(1).to(p_cls.device)
+    num_classes = p_cls.shape[1]
+    thing_mask = torch.as_tensor(is_thing, dtype=torch.bool).to(p_cls.device)
+    thing_ids = thing_mask.nonzero().squeeze(1)
     h, w = p_mask.shape[1:]
     if thing_ids.numel() == 0 or topk <= 0:
         return InstancePrediction(masks=torch.zeros(0, h, w, dtype=torch.bool, device=p_mask.device),
                                   scores=torch.zeros(0, device=p_mask.device),
                                   labels=torch.zeros(0, dtype=torch.int64, device=p_mask.device))
-    thing_probs = p_cls[:, thing_ids]  # N×T
-    k = min(topk, thing_probs.numel())
-    top_probs, flat_index = thing_probs.flatten().topk(k)
-    queries = flat_index // thing_ids.numel()
-    labels = thing_ids[flat_index % thing_ids.numel()]
+    if reference:
+        top_probs, flat_index = p_cls.flatten().topk(min(topk, p_cls.numel()))
+        queries = flat_index // num_classes
+        labels = flat_index % num_classes
+        keep = thing_mask[labels]
+        top_probs, queries, labels = top_probs[keep], queries[keep], labels[keep]
+    else:
+        thing_probs = p_cls[:, thing_ids]  # N×T
+        top_probs, flat_index = thing_probs.flatten().topk(min(topk, thing_probs.numel()))
+        queries = flat_index // thing_ids.numel()
+        labels = thing_ids[flat_index % thing_ids.numel()]
     binary = p_mask > cfg.pixel_confidence_threshold
     own = binary.flatten(1).sum(1)
-    mask_score = (p_mask.flatten(1) * binary.flatten(1)).sum(1) / own.clamp(min=1)
+    inside = (p_mask.flatten(1) * binary.flatten(1)).sum(1)
+    mask_score = inside / (own + 1e-6) if reference else inside / own.clamp(min=1)
     return InstancePrediction(masks=binary[queries], scores=top_probs * mask_score[queries], labels=labels)

@@ -3,6 +3,10 @@
 Pre-processing follows kmax-reference §4: resize so the image fits the model's fixed input with its longer side
 on the input size (aspect kept), normalise, pad bottom/right with zeros, run, upsample the stride-4 mask logits to
 the padded size (``align_corners`` for odd sizes), crop the valid region, resize to the original size, then merge.
+
+``cfg.eval.protocol == "reference"`` reproduces how bytedance/kmax-deeplab evaluates instead (its test-time
+``ResizeShortestEdge`` with PIL bilinear on uint8, its crop and ``align_corners`` resize back); see
+:func:`reference_resized_shape`, :func:`reference_crop` and docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from remax.checkpoint import CheckpointError, checkpoint_categories, checkpoint_
 from remax.config import Config
 from remax.structures import CategoryInfo
 
-from .postprocess import InstancePrediction, instance_postprocess, panoptic_postprocess, semantic_postprocess
+from .postprocess import (InstancePrediction, check_protocol, instance_postprocess, panoptic_postprocess,
+                          semantic_postprocess)
 
 log = logging.getLogger(__name__)
 
@@ -123,31 +128,96 @@ def resized_shape(height: int, width: int, input_size: tuple[int, int]) -> tuple
     return h, w
 
 
-def preprocess(images: Sequence[torch.Tensor], input_size: tuple[int, int]) -> tuple[torch.Tensor, list]:
-    """uint8 ``3×H×W`` images -> normalised, zero-padded ``B×3×H_in×W_in`` batch and each image's resized size."""
+def reference_resized_shape(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Size the reference gives an image at test time: detectron2's ``ResizeShortestEdge`` with the shorter input
+    side as the short edge and the longer one as the limit (1281/1281 for COCO, 1025/2049 for Cityscapes).
+
+    Every image is resized, small ones upwards, so the longer side lands on the full input side (128 -> 129, not
+    our 128 + 1 pixel of padding). Sides are rounded half up (``int(x + 0.5)``). An image the reference would run
+    beyond the fixed input (a portrait photo in the 1025×2049 Cityscapes input) is scaled to fit instead, the
+    only way a fixed-size batch can hold it.
+    """
+    short, longest = min(input_size), max(input_size)
+    scale = short / min(height, width)
+    new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
+    if max(new_h, new_w) > longest:
+        shrink = longest / max(new_h, new_w)
+        new_h, new_w = new_h * shrink, new_w * shrink
+    h, w = int(new_h + 0.5), int(new_w + 0.5)
+    if h > input_size[0] or w > input_size[1]:
+        fit = min(input_size[0] / height, input_size[1] / width)
+        h = min(input_size[0], max(1, int(height * fit + 0.5)))
+        w = min(input_size[1], max(1, int(width * fit + 0.5)))
+    return max(1, h), max(1, w)
+
+
+def reference_crop(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
+    """Region of the padded logits the reference keeps for an ``height×width`` image: each side times
+    ``max(input) / max(height, width)``, rounded with Python's ``round`` (half to even).
+
+    This is not always the resized size: a 1024×2048 Cityscapes image is resized to 1025×2049 but 1024 rows are
+    kept (``round(1024.5) == 1024``). Reproduced as it is, since it shifts the masks by a fraction of a pixel.
+    """
+    scale = max(input_size) / max(height, width)
+    return (min(input_size[0], max(1, round(height * scale))), min(input_size[1], max(1, round(width * scale))))
+
+
+def resize_uint8_pil(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``3×H×W`` -> uint8 ``3×h×w`` with PIL's bilinear filter, as detectron2's ``ResizeTransform`` does.
+
+    PIL widens its filter when shrinking (an antialiased resize) and rounds to uint8, so the result differs from
+    a float ``F.interpolate`` by up to a few grey levels; the reference protocol uses this to match its inputs.
+    """
+    arr = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
+    resized = Image.fromarray(arr).resize((int(size[1]), int(size[0])), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
+
+
+def preprocess(images: Sequence[torch.Tensor], input_size: tuple[int, int],
+               protocol: str = "remax") -> tuple[torch.Tensor, list]:
+    """uint8 ``3×H×W`` images -> normalised, zero-padded ``B×3×H_in×W_in`` batch and each image's resized size.
+
+    ``protocol="reference"`` resizes as the reference does (:func:`reference_resized_shape`, PIL bilinear on
+    uint8); the default fits the longer side into the input with a float antialiased resize.
+    """
     from remax.models import normalize_image
 
+    reference = check_protocol(protocol) == "reference"
     batch = torch.zeros(len(images), 3, *input_size)
     sizes = []
     for i, img in enumerate(images):
-        h, w = resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
-        x = img.unsqueeze(0).float()
-        if (h, w) != tuple(img.shape[1:]):
-            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-            x = x.clamp(0, 255)
+        if reference:
+            h, w = reference_resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
+            x = img if (h, w) == tuple(img.shape[1:]) else resize_uint8_pil(img, (h, w))
+            x = x.unsqueeze(0).float()
+        else:
+            h, w = resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
+            x = img.unsqueeze(0).float()
+            if (h, w) != tuple(img.shape[1:]):
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+                x = x.clamp(0, 255)
         batch[i, :, :h, :w] = normalize_image(x)[0]
         sizes.append((h, w))
     return batch, sizes
 
 
 def mask_logits_to_image(mask_logits: torch.Tensor, input_size: tuple[int, int], valid: tuple[int, int],
-                         original: tuple[int, int]) -> torch.Tensor:
-    """Stride-4 mask logits ``N×h×w`` of one padded input -> ``N×H×W`` at the original image size."""
-    align = input_size[0] % 2 == 1 and input_size[1] % 2 == 1  # Python constant: traceable, as the notes ask
+                         original: tuple[int, int], protocol: str = "remax") -> torch.Tensor:
+    """Stride-4 mask logits ``N×h×w`` of one padded input -> ``N×H×W`` at the original image size.
+
+    Both protocols upsample to the padded input (``align_corners`` for odd sizes) and crop ``valid``. The
+    resize back to the image then uses ``align_corners=False`` by default (pixel centres of the crop and the
+    image coincide) and, under ``protocol="reference"``, the reference's ``align_corners`` for an odd input width.
+    """
+    reference = check_protocol(protocol) == "reference"
+    if reference:
+        align = input_size[1] % 2 == 1  # the reference looks at the padded width only
+    else:
+        align = input_size[0] % 2 == 1 and input_size[1] % 2 == 1  # Python constant: traceable, as the notes ask
     x = F.interpolate(mask_logits.unsqueeze(0).float(), size=input_size, mode="bilinear", align_corners=align)
     x = x[:, :, : valid[0], : valid[1]]
     if tuple(valid) != tuple(original):
-        x = F.interpolate(x, size=original, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=original, mode="bilinear", align_corners=align if reference else False)
     return x[0]
 
 
@@ -172,6 +242,7 @@ class Predictor:
         self.input_size = tuple(int(v) for v in cfg.model.input_size)
         self.is_thing = torch.tensor([c.isthing for c in self.categories], dtype=torch.bool)
         self.category_ids = torch.tensor([c.id for c in self.categories], dtype=torch.int64)
+        self.protocol = check_protocol(cfg.eval.protocol)
         self.semantic = semantic
         self.instances = instances
         self.instance_topk = instance_topk
@@ -210,7 +281,7 @@ class Predictor:
     @torch.inference_mode()
     def forward_batch(self, images: Sequence[torch.Tensor]) -> tuple[dict[str, torch.Tensor], list]:
         """One forward pass over uint8 ``3×H×W`` images; returns the raw outputs and each image's resized size."""
-        batch, sizes = preprocess(images, self.input_size)
+        batch, sizes = preprocess(images, self.input_size, self.protocol)
         outputs = self.model(batch.to(self.device))
         return outputs, sizes
 
@@ -241,10 +312,19 @@ class Predictor:
 
     def postprocess_one(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, valid: tuple[int, int],
                         original: tuple[int, int]) -> PredictionResult:
-        """Resize one image's mask logits to its original size and run the merges (kmax-reference §4)."""
-        large = original[0] * original[1] > self.max_merge_pixels and valid[0] * valid[1] < original[0] * original[1]
+        """Resize one image's mask logits to its original size and run the merges (kmax-reference §4).
+
+        The reference protocol crops the reference's region (:func:`reference_crop`) and always merges at the
+        original size, as the reference does, however large the image.
+        """
+        if self.protocol == "reference":
+            valid = reference_crop(original[0], original[1], self.input_size)
+            large = False
+        else:
+            large = (original[0] * original[1] > self.max_merge_pixels
+                     and valid[0] * valid[1] < original[0] * original[1])
         merge_size = valid if large else original
-        masks = mask_logits_to_image(mask_logits, self.input_size, valid, merge_size)
+        masks = mask_logits_to_image(mask_logits, self.input_size, valid, merge_size, self.protocol)
         class_logits = class_logits.float()
         pan = panoptic_postprocess(class_logits, masks, self.is_thing, self.cfg.eval)
         id_map = _resize_nearest(pan.id_map, original).cpu()

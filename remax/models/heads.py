@@ -5,6 +5,8 @@
   forward time.
 * :class:`AuxSemanticDecoder` (§1.6): the kMaX auxiliary semantic decoder (Panoptic-DeepLab style) on backbone
   features, output at stride 4.
+* :class:`Res5SemanticHead`: the reference's lighter auxiliary semantic head on res5 alone (its Cityscapes
+  configurations, ``USE_AUX_SEMANTIC_DECODER: False``), output at stride 32.
 * :class:`ReMaskSemanticHead` (SPEC §4.1): ReMaX's per-stage semantic head, ASPP + 1×1 conv on the key (pixel
   feature P) of a k-means cross-attention layer.
 """
@@ -121,6 +123,29 @@ class AuxSemanticDecoder(nn.Module):
         low = self.proj_os4(features["res2"])
         x = self.fuse_os4(torch.cat([resize_bilinear(x, low.shape[-2:]), low], dim=1))
         return self.classifier(self.head(x))
+
+
+class Res5SemanticHead(nn.Module):
+    """Auxiliary semantic head on res5 only (training only): depthwise 5×5 → 1×1 (``channels``) → 1×1 classifier.
+
+    The kMaX reference uses it instead of :class:`AuxSemanticDecoder` when ``USE_AUX_SEMANTIC_DECODER`` is off
+    (its Cityscapes configurations); its classifier has K rows (no void row), as ours always does. The logits are
+    at stride 32; the model resizes them to the mask size like the decoder's.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 256, *,
+                 bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS):
+        super().__init__()
+        bn = dict(act=True, bn_momentum=bn_momentum, bn_eps=bn_eps)
+        self.depthwise = ConvBN(in_channels, in_channels, 5, padding=2, groups=in_channels, init="xavier_uniform",
+                                **bn)
+        self.project = ConvBN(in_channels, channels, 1, **bn)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        trunc_normal_(self.classifier.weight, 0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, features: dict[str, Tensor]) -> Tensor:
+        return self.classifier(self.project(self.depthwise(features["res5"])))
 
 
 class ReMaskSemanticHead(nn.Module):

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from remax.config import ModelConfig, model_config
 from remax.models.backbones import TimmBackbone
-from remax.models.heads import AuxSemanticDecoder, ReMaskSemanticHead
+from remax.models.heads import AuxSemanticDecoder, ReMaskSemanticHead, Res5SemanticHead
 from remax.models.kmax_decoder import KMaXTransformerDecoder
 from remax.models.layers import resize_bilinear
 from remax.models.pixel_decoder import KMaXPixelDecoder
@@ -38,9 +38,10 @@ class KMaXDeepLab(nn.Module):
     """kMaX-DeepLab / ReMaX panoptic model. See ``docs/design.md`` for the output contract.
 
     ``forward(images)`` takes normalised, zero-padded B×3×H×W images. In ``eval()`` mode it returns only
-    ``pred_logits`` (B×N×(K+1), void last) and ``pred_masks`` (B×N×h×w at stride 4); in ``train()`` mode also
-    ``pixel_embeddings``, per-layer ``aux_outputs`` upsampled to h×w, and the semantic logits of the training
-    heads that are built. ``remask`` says whether and how ReMask runs inside the decoder (off by default).
+    ``pred_logits`` (B×N×(K+1), void last) and ``pred_masks`` (B×N×h×w at ``output_stride``: 4, or 2 with a
+    stride-2 pixel-decoder stage); in ``train()`` mode also ``pixel_embeddings``, per-layer ``aux_outputs``
+    upsampled to h×w, and the semantic logits of the training heads that are built. ``remask`` says whether and
+    how ReMask runs inside the decoder (off by default).
     """
 
     def __init__(self, cfg: ModelConfig, *, with_training_heads: bool = False,
@@ -51,24 +52,32 @@ class KMaXDeepLab(nn.Module):
         bn = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
         self.backbone = TimmBackbone(cfg.backbone, pretrained=cfg.backbone_pretrained,
                                      drop_path=cfg.backbone_drop_path,
-                                     pretrained_file=cfg.backbone_pretrained_file)
+                                     pretrained_file=cfg.backbone_pretrained_file,
+                                     bn_eps=cfg.backbone_bn_eps, bn_momentum=cfg.backbone_bn_momentum,
+                                     stem_feature=cfg.pixel_decoder_stem_feature)
         self.pixel_decoder = KMaXPixelDecoder(
             self.backbone.channels, tuple(cfg.pixel_decoder_layers), tuple(cfg.pixel_decoder_channels),
-            tuple(cfg.pixel_decoder_block_types), num_heads=cfg.axial_heads, max_length=cfg.axial_max_length, **bn)
+            tuple(cfg.pixel_decoder_block_types), order=self.backbone.feature_order, strides=self.backbone.strides,
+            num_heads=cfg.axial_heads, max_length=cfg.axial_max_length, **bn)
         dec_channels = self.pixel_decoder.out_channels
         if len(cfg.transformer_decoder_layers) != 3:
             raise ValueError(f"transformer_decoder_layers needs 3 counts (strides 32/16/8), got "
                              f"{cfg.transformer_decoder_layers}")
         self.transformer_decoder = KMaXTransformerDecoder(
-            dec_channels[:3], dec_channels[3], cfg.num_classes, layers=tuple(cfg.transformer_decoder_layers),
+            dec_channels[:3], dec_channels[-1], cfg.num_classes, layers=tuple(cfg.transformer_decoder_layers),
             num_queries=cfg.num_queries, hidden_dim=cfg.hidden_dim, bottleneck_dim=cfg.kmeans_bottleneck_dim,
             num_heads=cfg.self_attention_heads, ffn_dim=cfg.ffn_dim, drop_path=cfg.drop_path,
             head_dim=cfg.pixel_head_dim, embedding_dim=cfg.pixel_embedding_dim, void_prior=cfg.void_prior,
             mask_scale_init=cfg.mask_scale_init, kmeans_update_init=cfg.kmeans_update_init, **bn)
-        self.aux_semantic_head: AuxSemanticDecoder | None = None
+        self.aux_semantic_head: AuxSemanticDecoder | Res5SemanticHead | None = None
         self.remask_heads: nn.ModuleList | None = None
         if with_training_heads:
             self.build_training_heads()
+
+    @property
+    def output_stride(self) -> int:
+        """Input pixels per mask-logit step: 4, or 2 with a stride-2 pixel-decoder stage."""
+        return self.pixel_decoder.output_stride
 
     @property
     def num_decoder_layers(self) -> int:
@@ -84,9 +93,13 @@ class KMaXDeepLab(nn.Module):
         bn = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
         device = self.transformer_decoder.cluster_centers.device
         if cfg.aux_semantic_head and self.aux_semantic_head is None:
-            self.aux_semantic_head = AuxSemanticDecoder(self.backbone.channels, cfg.num_classes,
-                                                        cfg.semantic_head_channels, tuple(cfg.aspp_dilations),
-                                                        **bn).to(device)
+            if cfg.aux_semantic_decoder:
+                self.aux_semantic_head = AuxSemanticDecoder(self.backbone.channels, cfg.num_classes,
+                                                            cfg.semantic_head_channels, tuple(cfg.aspp_dilations),
+                                                            **bn).to(device)
+            else:
+                self.aux_semantic_head = Res5SemanticHead(self.backbone.channels["res5"], cfg.num_classes,
+                                                          cfg.semantic_head_channels, **bn).to(device)
         stages = min(cfg.remask_stages, self.num_decoder_layers)
         if stages > 0 and self.remask_heads is None:
             self.remask_heads = nn.ModuleList(

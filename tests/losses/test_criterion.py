@@ -119,7 +119,7 @@ def test_mask_id_activation_follows_remax_switch():
     masks = outputs["pred_masks"].flatten(2)
     matching = hungarian_match(outputs["pred_logits"], masks.softmax(1), dense)
     _, bd = crit(RemaxConfig(remask=False, reclass=False, mask_id_activation="sigmoid"))(outputs, targets)
-    exp = 0.3 * mask_id_loss(masks, dense, matching, "sigmoid", "sum")
+    exp = 0.3 * mask_id_loss(masks, dense, matching, "sigmoid", "mean")  # the default normalisation
     assert bd["loss_mask_id/final"] == pytest.approx(exp.item(), rel=1e-6)
     _, bd = SetCriterion(dataclasses.replace(LCFG, mask_id_activation="sigmoid"), RemaxConfig(enabled=False), K)(
         outputs, targets)

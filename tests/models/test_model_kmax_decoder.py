@@ -154,7 +154,7 @@ def test_initialisation_knobs_of_the_mask_scale_and_kmeans_update():
     from remax.models import build_model
 
     plain = build_model("nano", input_size=(65, 65))
-    assert all(float(m.mask_bn.weight) == pytest.approx(0.1) for m in plain.modules() if hasattr(m, "mask_bn"))
+    assert all(m.mask_bn.weight.item() == pytest.approx(0.1) for m in plain.modules() if hasattr(m, "mask_bn"))
     assert all(not layer.kmeans_conv3.norm.weight.any() for layer in plain.transformer_decoder.layers)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 65, 65)

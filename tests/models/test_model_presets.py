@@ -35,7 +35,8 @@ def _params(module: torch.nn.Module) -> int:
 
 def test_all_presets_listed() -> None:
     assert set(PRESETS) == {"remax_t", "remax_s", "remax_m", "remax_b", "kmax_r50", "kmax_convnext_t",
-                            "kmax_convnext_s", "kmax_convnext_b", "kmax_convnext_l", "nano"}
+                            "kmax_convnext_s", "kmax_convnext_b", "kmax_convnext_l", "kmax_cityscapes_r50",
+                            "kmax_cityscapes_convnext_l", "kmax_ade20k_r50", "kmax_ade20k_convnext_l", "nano"}
 
 
 @pytest.mark.parametrize("preset", sorted(SPEC_PARAMS))
