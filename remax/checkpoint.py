@@ -7,8 +7,10 @@ A checkpoint is a plain dict of tensors and Python primitives (see docs/design.m
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,22 +27,71 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or not a remax checkpoint."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, permissions); the message names the file."""
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask (``mkstemp`` always uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _write_reason(exc: BaseException) -> str:
+    """Why a write failed, in words: torch reports a full disk as ``[enforce fail ...] unexpected pos``."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on the device"
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return "file too large (file-size limit)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "unexpected pos" in text or "PytorchStreamWriter" in text or "file write failed" in text:
+        return "the write failed (disk full, quota or file-size limit)"
+    return text
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename."""
+    """Write ``state`` to ``path`` through a temporary file and an atomic rename.
+
+    A failed write (full disk, quota, permissions) removes the temporary file, leaves any previous ``path``
+    untouched and raises :class:`CheckpointWriteError` naming ``path``. The file gets the mode the umask gives.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {_write_reason(exc)}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, (OSError, RuntimeError)):
+            kept = "; the previous checkpoint there is kept" if path.exists() else ""
+            raise CheckpointWriteError(f"cannot write checkpoint {path}: {_write_reason(exc)}{kept}") from exc
         raise
     return path
+
+
+def _read_reason(exc: BaseException) -> str:
+    """torch's reason for refusing a file, without its advice to load with ``weights_only=False`` (which would
+    let the file run code): only what was refused."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    if match:
+        refused = match.group(1).strip().split(" was not an allowed global")[0].rstrip(".")
+        return (f"refused to load Python objects ({refused}); a remax checkpoint holds only tensors and plain "
+                f"values, and loading never executes code from the file")
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and "weights_only" not in ln]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'unreadable file'}"
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -53,7 +104,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated or foreign files
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: {_read_reason(exc)}") from exc
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a remax checkpoint (no 'model' entry)")
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 
 log = logging.getLogger("remax")
@@ -21,6 +22,55 @@ def _setup_logging(verbose: bool) -> None:
 
 class CLIError(Exception):
     """An error to show the user as one line, without a traceback."""
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for an expected failure.
+
+    An error raised in a DataLoader worker arrives with the worker's whole traceback in its message; its last line
+    is the original error (which names the file). Otherwise the first line; a ``KeyError`` keeps its type, since
+    its message alone is only a quoted key.
+    """
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1].strip()
+        match = re.match(r"^[\w.]*(?:Error|Exception|Interrupted): (.*)$", last)
+        return match.group(1) if match else last
+    if isinstance(exc, KeyError):
+        return f"KeyError: {exc}"
+    lines = text.splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``cannot write FILE: reason`` for a failed write (full disk, permissions, a file where a folder should be)."""
+    if exc.filename:
+        return f"cannot write {exc.filename}: {exc.strerror or exc}"
+    return _error_line(exc)
+
+
+def _writable_dir(path: "str | Path", what: str) -> "Path":
+    """Create ``path`` and prove it writable now, before minutes of work end in a write error."""
+    from remax.engine.run_folder import RunFolderError, check_writable_dir
+
+    try:
+        return check_writable_dir(path, what)
+    except RunFolderError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _writable_file(path: "str | Path", what: str) -> "Path":
+    """Check that ``path`` can be written (its folder exists or can be made, it is not a folder, not read-only)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise CLIError(f"{what} {path} is a folder, not a file")
+    _writable_dir(path.parent, f"folder of {what}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise CLIError(f"cannot write {what} {path}: permission denied")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,7 +115,10 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     from remax.config import get_config
 
-    cfg = get_config(args.preset, data=args.data, baseline=args.baseline).override(args.overrides)
+    try:
+        cfg = get_config(args.preset, data=args.data, baseline=args.baseline).override(args.overrides)
+    except (ValueError, KeyError) as exc:  # unknown preset, data preset or field
+        raise CLIError(_error_line(exc)) from None
     print(cfg.to_yaml(), end="")
     return 0
 
@@ -157,7 +210,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from remax.data.coco_panoptic import DatasetError, dataset_paths
+    from remax.data.coco_panoptic import DatasetError, dataset_paths, require_split
     from remax.data.io import load_json
     from remax.data.validate import check_dataset, find_splits
 
@@ -165,7 +218,9 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     if args.root is None and not args.json_file:
         raise CLIError("give a data set ROOT or --json-file (with --image-dir)")
     try:
-        if explicit or args.split:
+        if args.split and not explicit:
+            targets = [require_split(args.root, args.split)]
+        elif explicit or args.split:
             targets = [dataset_paths(args.root, args.split or "", json_file=args.json_file, png_dir=args.png_dir,
                                      image_dir=args.image_dir)]
         else:
@@ -232,9 +287,9 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
         "train", help="train a model (default: nano on the built-in synthetic data, CPU)",
         description="Train a kMaX-DeepLab / ReMaX model. With no arguments: makes the synthetic data set under "
                     "data/synthetic if absent, trains the nano preset with ReMaX on the CPU, evaluates on the "
-                    "validation split and prints the PQ table. Multi-GPU / multi-node: "
+                    "validation split and prints the PQ summary. Multi-GPU / multi-node: "
                     "torchrun --nproc_per_node N -m remax train ...")
-    p.add_argument("--preset", default="nano", help="model preset (see `remax models`); default nano")
+    p.add_argument("--preset", default=None, help="model preset (see `remax models`); default nano")
     p.add_argument("--data", default=None, metavar="ROOT",
                    help="a COCO-panoptic folder (ROOT/annotations/panoptic_{split}.json, ...); classes are read "
                         "from it. With --dataset, the root of that data preset instead")
@@ -247,12 +302,16 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
                    help="continue the run in --out (default: the newest run under runs/) from checkpoints/last.pt")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start from a checkpoint's weights (fine-tuning; heads of another class count are skipped)")
+    p.add_argument("--init-partial", action="store_true",
+                   help="accept an --init-from checkpoint that leaves more than half of the model's tensors fresh")
     p.add_argument("--baseline", action="store_true", help="the kMaX-DeepLab baseline recipe (ReMaX off)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: the preset's")
     p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="mixed precision")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument("--per-class", action="store_true",
+                   help="also print the per-class PQ rows at the end (always in RUN/eval.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     p.set_defaults(func=_cmd_train)
 
@@ -267,6 +326,11 @@ def _train_config(args: argparse.Namespace, run_dir: "Path | None"):
         if not saved.is_file():
             raise CLIError(f"cannot resume: {saved} not found")
         cfg = Config.from_yaml(saved.read_text())
+        if args.preset is not None and args.preset != cfg.preset:
+            raise CLIError(f"--resume continues {run_dir}, a {cfg.preset} run; --preset {args.preset} would change "
+                           f"the model (drop --preset, or start a new run with another --out)")
+        if args.config or args.baseline:
+            raise CLIError("--resume keeps the run's own config; --config and --baseline apply to new runs only")
     elif args.config:
         path = Path(args.config)
         if not path.is_file():
@@ -276,10 +340,12 @@ def _train_config(args: argparse.Namespace, run_dir: "Path | None"):
             apply_kmax_baseline(cfg)
     else:
         dataset = args.dataset or ("custom" if args.data else None)
-        cfg = get_config(args.preset, data=dataset, baseline=args.baseline)
+        cfg = get_config(args.preset or "nano", data=dataset, baseline=args.baseline)
         if args.data:
             cfg.data.root = args.data
     if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise CLIError(f"--max-steps must be at least 1, got {args.max_steps}")
         cfg.train.max_steps = args.max_steps
     if args.device is not None:
         cfg.train.device = args.device
@@ -287,7 +353,39 @@ def _train_config(args: argparse.Namespace, run_dir: "Path | None"):
         cfg.train.amp = args.amp
     if args.seed is not None:
         cfg.train.seed = args.seed
-    return cfg.override(args.overrides)
+    model_before = cfg.to_dict()["model"] if args.resume else None
+    cfg = cfg.override(args.overrides)
+    if model_before is not None:
+        changed = sorted(k for k, v in cfg.to_dict()["model"].items() if model_before.get(k) != v)
+        if changed:
+            raise CLIError(f"--resume cannot change the model of {run_dir} (model.{', model.'.join(changed)}): its "
+                           f"checkpoint holds weights for the saved config; start a new run with --init-from "
+                           f"{run_dir / 'checkpoints' / 'last.pt'} instead")
+    # Stored resolved, so the run's config.yaml still finds its data from another working directory.
+    for name in ("root", "train_json", "train_png_dir", "train_image_dir", "val_json", "val_png_dir",
+                 "val_image_dir"):
+        value = getattr(cfg.data, name, None)
+        if isinstance(value, str) and value:
+            setattr(cfg.data, name, str(Path(value).expanduser().resolve()))
+    return cfg
+
+
+def _newest_run() -> "Path":
+    """The run under ``runs/`` whose ``last.pt`` is newest; refused when another process holds it."""
+    from pathlib import Path
+
+    from remax.engine.run_folder import lock_holder
+
+    runs = sorted((p.parent.parent for p in Path("runs").glob("*/checkpoints/last.pt")),
+                  key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime)
+    if not runs:
+        raise CLIError("--resume: no run with checkpoints/last.pt under runs/; pass --out DIR")
+    holder = lock_holder(runs[-1])
+    if holder is not None:
+        who = f"PID {holder}" if holder > 0 else "another process"
+        raise CLIError(f"--resume: the newest run, {runs[-1]}, is in use by {who}; pass --out DIR to resume "
+                       f"another run")
+    return runs[-1]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -298,44 +396,70 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from remax.data.coco_panoptic import DatasetError
     from remax.engine import NonFiniteLossError, train
     from remax.engine.distributed import rank
+    from remax.engine.run_folder import RunFolderError
 
     if args.resume and args.out is None:
-        runs = sorted((p.parent.parent for p in Path("runs").glob("*/checkpoints/last.pt")),
-                      key=lambda p: (p / "checkpoints" / "last.pt").stat().st_mtime)
-        if not runs:
-            raise CLIError("--resume: no run with checkpoints/last.pt under runs/; pass --out DIR")
-        args.out = str(runs[-1])
+        args.out = str(_newest_run())
     if args.out is not None:
         run_dir = Path(args.out)
     else:
-        run_dir = Path("runs") / f"{args.preset}{'-baseline' if args.baseline else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+        preset = args.preset or "nano"
+        run_dir = Path("runs") / f"{preset}{'-baseline' if args.baseline else ''}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CLIError(f"--out {run_dir} is a file, not a folder")
     try:
         cfg = _train_config(args, run_dir)
-    except ValueError as exc:
-        raise CLIError(str(exc)) from exc
-    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise CLIError(f"{run_dir} already holds a run; use --resume to continue it or choose another --out")
+    except (ValueError, KeyError) as exc:
+        raise CLIError(_error_line(exc)) from None
     try:
-        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress)
-    except (DatasetError, CheckpointError, NonFiniteLossError, FileExistsError) as exc:
-        raise CLIError(str(exc)) from exc
+        result = train(cfg, run_dir, resume=args.resume, init_from=args.init_from, progress=not args.no_progress,
+                       init_partial=args.init_partial)
+    except (RunFolderError, CheckpointError, NonFiniteLossError, FileExistsError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+    except DatasetError as exc:  # every problem of the data set, one per line
+        raise CLIError(str(exc)) from None
     except ValueError as exc:  # bad config values found while building the run
-        raise CLIError(str(exc)) from exc
+        raise CLIError(_error_line(exc)) from None
+    except OSError as exc:  # a write into the run folder failed (disk full, permissions)
+        raise CLIError(_os_error_line(exc)) from None
     if rank() != 0:
         return 0
+    return _report_training(args, run_dir, result)
+
+
+def _report_training(args: argparse.Namespace, run_dir: "Path", result: dict) -> int:
+    """Print how a run ended; exit 0 whenever the checkpoint is saved, 128 + signal when nothing was."""
+    import signal
+
     minutes = result["wall_time_s"] / 60
+    if result.get("stopped_in") == "setup":
+        print(f"stopped by {result['signal']} before training started (during the data check or set-up); "
+              f"nothing was trained")
+        return 128 + int(signal.Signals[result["signal"]])
     if result["status"] == "interrupted":
         print(f"stopped by {result['signal']} at step {result['step']} after {minutes:.1f} min; checkpoint "
               f"{result['checkpoint']}\ncontinue with: remax train --resume --out {run_dir}")
         return 0
     print(f"trained {result['step'] - result['start_step']} steps (to step {result['step']}) in {minutes:.1f} min; "
           f"run folder {run_dir}")
+    if result.get("stopped_in"):
+        print(f"stopped by {result['signal']} during the final {result['stopped_in']}; checkpoint "
+              f"{result['checkpoint']} is complete"
+              + (f"\nevaluate it with: remax eval --checkpoint {result['checkpoint']} --data ROOT"
+                 if result["stopped_in"] == "evaluation" else ""))
+        return 0
     ev = result.get("eval")
     if ev and ev.get("pq"):
+        from remax.engine.evaluate import result_to_json
         from remax.evaluation.panoptic_quality import format_pq_table
 
-        print(f"validation panoptic quality at step {result['step']}:")
-        print(format_pq_table(ev["pq"], per_class=True))
+        eval_json = run_dir / "eval.json"
+        try:
+            eval_json.write_text(json.dumps({"step": result["step"], **result_to_json(ev)}, indent=1) + "\n")
+        except (OSError, TypeError, ValueError) as exc:
+            print(f"remax: warning: could not write {eval_json}: {exc}", file=sys.stderr)
+        print(f"validation panoptic quality at step {result['step']} (per class: {eval_json}):")
+        print(format_pq_table(ev["pq"], per_class=args.per_class))
         if isinstance(ev.get("miou"), (int, float)):
             print(f"mIoU {100 * ev['miou']:.2f}")
     return 0
@@ -362,7 +486,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="data set ROOT in COCO layout (ROOT/annotations/panoptic_SPLIT.json, ...)")
     p.add_argument("--gt", help="ground-truth ROOT in COCO layout, to score predictions on disk")
     p.add_argument("--gt-json", help="explicit ground-truth JSON (its PNG folder: the path without .json)")
-    p.add_argument("--split", default=None, help="split name (default: the checkpoint's val split, or 'val')")
+    p.add_argument("--gt-png-dir", help="folder of the ground-truth PNGs (default: ROOT/annotations/panoptic_SPLIT/ "
+                                        "or ROOT/panoptic_SPLIT/, or the --gt-json path without .json)")
+    p.add_argument("--split", default=None,
+                   help="split name (default: the checkpoint's val split, or 'val'; COCO's val2017 is found for "
+                        "val)")
     p.add_argument("--pred-json", help="COCO-panoptic predictions JSON (e.g. from remax predict)")
     p.add_argument("--pred-dir", help="folder of the prediction PNGs (default: the JSON path without .json)")
     p.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
@@ -381,24 +509,28 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from remax.checkpoint import CheckpointError
-    from remax.data.coco_panoptic import DatasetError
+    from remax.data.coco_panoptic import DatasetError, require_split
     from remax.engine.evaluate import evaluate_files, evaluate_model, format_result, result_to_json
 
     if bool(args.checkpoint) == bool(args.pred_json):
         raise CLIError("give either --checkpoint (with --data) or --pred-json (with --gt or --gt-json)")
+    if args.json_out:
+        _writable_file(args.json_out, "--json")  # before the evaluation, not after it
     try:
         if args.checkpoint:
             if not args.data:
                 raise CLIError("--checkpoint needs --data ROOT (the data set to evaluate on)")
+            if args.gt_png_dir:
+                raise CLIError("--gt-png-dir applies to --pred-json evaluation (with --gt or --gt-json)")
             from remax.data.coco_panoptic import COCOPanopticDataset
             from remax.inference.predictor import Predictor
 
             overrides = list(args.overrides) + ([f"eval.protocol={args.protocol}"] if args.protocol else [])
             predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overrides=overrides)
             cfg = predictor.cfg
-            split = args.split or cfg.data.val_split
+            paths = require_split(args.data, args.split or cfg.data.val_split)
             # The data set's contiguous ids follow the checkpoint's class order (matched by category id).
-            dataset = COCOPanopticDataset.from_root(args.data, split, category_order=predictor.categories)
+            dataset = COCOPanopticDataset.from_paths(paths, category_order=predictor.categories)
             result = evaluate_model(predictor.model, dataset, cfg, predictor.categories, device=predictor.device,
                                     max_images=args.max_images, progress=not args.no_progress,
                                     batch_size=args.batch_size)
@@ -408,24 +540,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             if not (args.gt or args.gt_json):
                 raise CLIError("--pred-json needs --gt ROOT or --gt-json FILE")
             if args.gt_json:
-                gt_json, gt_dir = args.gt_json, None
+                gt_json, gt_dir = args.gt_json, args.gt_png_dir
             else:
-                from remax.data.coco_panoptic import dataset_paths
-
-                paths = dataset_paths(args.gt, args.split or "val")
-                gt_json, gt_dir = paths.json_file, paths.png_dir
+                paths = require_split(args.gt, args.split or "val")
+                gt_json, gt_dir = paths.json_file, args.gt_png_dir or paths.png_dir
             result = evaluate_files(gt_json, args.pred_json, gt_dir, args.pred_dir, progress=not args.no_progress)
     except CheckpointError as exc:
         raise CLIError(_first_line(exc)) from None
-    except (OSError, ValueError, KeyError, DatasetError) as exc:
-        raise CLIError(f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)) from None
+    except (OSError, ValueError, KeyError, DatasetError) as exc:  # also errors from DataLoader workers
+        raise CLIError(_error_line(exc)) from None
     print(format_result(result, per_class=not args.no_per_class))
     if args.json_out:
         from pathlib import Path
 
         out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result_to_json(result), indent=1))
+        try:
+            out.write_text(json.dumps(result_to_json(result), indent=1))
+        except OSError as exc:
+            raise CLIError(_os_error_line(exc)) from None
         print(f"results written to {out}")
     return 0
 
@@ -469,22 +601,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise CLIError(f"input not found: {path}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    out_dir = _writable_dir(args.out, "--out folder")  # before loading the model
     try:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, semantic=args.semantic,
                                               instances=False, overrides=args.overrides)
     except CheckpointError as exc:
         raise CLIError(_first_line(exc)) from None
     except ValueError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(_error_line(exc)) from None
 
     def report(path: Path, reason: str) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(f"remax: skipped {path}: {reason}", file=sys.stderr)  # keeps the progress bar intact
 
-    summary = predict_files(predictor, paths, Path(args.out), batch_size=args.batch_size,
-                            overlays=not args.no_overlay, semantic=args.semantic, progress=not args.no_progress,
-                            on_skip=report)
+    try:
+        summary = predict_files(predictor, paths, out_dir, batch_size=args.batch_size,
+                                overlays=not args.no_overlay, semantic=args.semantic, progress=not args.no_progress,
+                                on_skip=report)
+    except OSError as exc:  # a write into --out failed (disk full, permissions)
+        raise CLIError(_os_error_line(exc)) from None
     print(f"{len(summary.written)} image(s) predicted, {len(summary.skipped)} skipped; "
           f"results in {summary.json_path}")
     if not summary.written:

@@ -24,12 +24,15 @@ import yaml
 class ModelConfig:
     """Architecture of a kMaX-DeepLab / ReMaX model (SPEC §3, kmax-reference §1)."""
 
-    backbone: str = "resnet50"  # timm model name, built with features_only=True
+    # timm model name, built with features_only=True, or "max_s" (alias "axial_resnet50"): our Axial-ResNet-50
+    # (remax/models/axial_resnet.py), which timm does not have.
+    backbone: str = "resnet50"
     backbone_pretrained: bool = False  # True downloads ImageNet weights through timm / the HF hub
     backbone_pretrained_file: str = ""  # a local timm checkpoint instead of the hub (offline; implies pretrained)
     backbone_drop_path: float = 0.0
     # BatchNorm eps / momentum of the backbone's own BN layers; None keeps timm's (1e-5 / 0.1). The kMaX reference
     # (and deeplab2, where ReMaX was trained) uses 1e-3 / 0.01 in its ResNet-50, so its weights need 1e-3.
+    # "max_s" is ours, not timm's: None there means the decoder's 1e-3 / 0.01, deeplab2's setting.
     backbone_bn_eps: float | None = None
     backbone_bn_momentum: float | None = None
     input_size: tuple[int, int] = (641, 641)  # fixed padded input (H, W), each k*32+1
@@ -345,6 +348,13 @@ _CITYSCAPES_DECODER = dict(
 # configs/ade20k/panoptic_segmentation/kmax_*.yaml: the COCO architecture with 150 classes and no drop path in the
 # transformer decoder.
 _ADE20K_DECODER = dict(input_size=(1281, 1281), num_classes=150, drop_path=0.0, **_R50_DECODER)
+# ReMaX on Cityscapes (ReMaX paper §4.3, Tables 8-9): the kMaX Cityscapes architecture above, with its fifth stage on a
+# true stride-2 feature. ReMaX was trained in deeplab2, whose kMaX sets high_resolution_output_stride = 2 for
+# Cityscapes and feeds that stage the backbone's stride-2 "stage1" (docs/models.md, "ReMaX on Cityscapes and ADE20K").
+_REMAX_CITYSCAPES = dict(_CITYSCAPES_DECODER, pixel_decoder_stem_feature="stride2")
+# The efficient ReMaX models' decoders (ReMaX-T/S, paper Table 12): one block / one kMaX layer per stride.
+_EFFICIENT_CITYSCAPES = dict(_REMAX_CITYSCAPES, pixel_decoder_layers=(1, 1, 1, 1, 1),
+                             transformer_decoder_layers=(1, 1, 1))
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # ReMaX family (ReMaX paper, Table 12).
@@ -365,6 +375,15 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "kmax_cityscapes_convnext_l": dict(backbone="convnext_large", backbone_drop_path=0.6, **_CITYSCAPES_DECODER),
     "kmax_ade20k_r50": dict(backbone="resnet50", **_ADE20K_DECODER, **_REFERENCE_BN),
     "kmax_ade20k_convnext_l": dict(backbone="convnext_large", backbone_drop_path=0.7, **_ADE20K_DECODER),
+    # ReMaX on Cityscapes (Tables 8-9) and ADE20K (Table 10); docs/models.md lists the sources of each choice.
+    "remax_cityscapes_mnv3s": dict(backbone="mobilenetv3_small_100", **_EFFICIENT_CITYSCAPES),
+    "remax_cityscapes_mnv3l": dict(backbone="mobilenetv3_large_100", **_EFFICIENT_CITYSCAPES),
+    "remax_cityscapes_r50": dict(backbone="resnet50", **_REMAX_CITYSCAPES, **_REFERENCE_BN),
+    # Axial-ResNet-50 as deeplab2's kMaX "axial_resnet50" (MaX-S), drop-path keep 0.8 (remax/models/axial_resnet.py).
+    "remax_cityscapes_maxs": dict(backbone="max_s", backbone_drop_path=0.2, **_REMAX_CITYSCAPES),
+    "remax_ade20k_r50_641": dict(backbone="resnet50", **{**_ADE20K_DECODER, "input_size": (641, 641)},
+                                 **_REFERENCE_BN),
+    "remax_ade20k_r50_1281": dict(backbone="resnet50", **_ADE20K_DECODER, **_REFERENCE_BN),
     # Not a paper model: a small network for tests and the CPU demo on the synthetic data set.
     "nano": dict(backbone="mobilenetv3_small_050", input_size=(257, 257), num_classes=9,
                  pixel_decoder_layers=(1, 1, 1, 1), pixel_decoder_channels=(64, 32, 32, 16),
@@ -382,6 +401,12 @@ PRESET_DATA: dict[str, str] = {
     "kmax_cityscapes_convnext_l": "cityscapes",
     "kmax_ade20k_r50": "ade20k",
     "kmax_ade20k_convnext_l": "ade20k",
+    "remax_cityscapes_mnv3s": "cityscapes",
+    "remax_cityscapes_mnv3l": "cityscapes",
+    "remax_cityscapes_r50": "cityscapes",
+    "remax_cityscapes_maxs": "cityscapes",
+    "remax_ade20k_r50_641": "ade20k",
+    "remax_ade20k_r50_1281": "ade20k",
 }
 
 
@@ -500,7 +525,7 @@ def _apply_nano_recipe(cfg: Config) -> None:
     t.batch_size = 8
     t.weight_decay = 0.005
     t.warmup_steps = 50
-    t.max_steps = 600  # about 10 minutes on 2 CPU cores (docs/benchmarks.md)
+    t.max_steps = 600  # 10–16 minutes on 2 CPU cores, depending on the machine (docs/benchmarks.md)
     t.log_every = 10
     t.checkpoint_every = 200
     t.eval_every = 200

@@ -23,8 +23,8 @@ import torch
 from remax.data.io import load_json, read_image, read_panoptic_png
 from remax.structures import CategoryInfo, PanopticTarget, align_categories
 
-__all__ = ["DatasetError", "DatasetPaths", "dataset_paths", "paths_from_config", "COCOPanopticDataset",
-           "categories_from_json"]
+__all__ = ["DatasetError", "DatasetPaths", "dataset_paths", "require_split", "available_splits", "paths_from_config",
+           "COCOPanopticDataset", "categories_from_json"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,41 @@ def _json_minus_suffix(json_file: Path) -> Path:
     return json_file.with_suffix("") if json_file.suffix == ".json" else json_file
 
 
+# COCO's split names, so that a COCO folder works with the generic names (and the other way round).
+SPLIT_ALIASES = {"train": "train2017", "val": "val2017", "train2017": "train", "val2017": "val"}
+
+
+def available_splits(root: str | os.PathLike[str]) -> list[str]:
+    """Split names of ``ROOT/annotations/panoptic_{split}.json``, sorted."""
+    ann = Path(root) / "annotations"
+    if not ann.is_dir():
+        return []
+    return sorted(p.name[len("panoptic_"):-len(".json")] for p in ann.glob("panoptic_*.json") if p.is_file())
+
+
+def _split_in_root(base: Path, split: str) -> str:
+    """``split``, or its COCO alias (``val`` <-> ``val2017``) when only the alias exists under ``base``."""
+    if (base / "annotations" / f"panoptic_{split}.json").is_file():
+        return split
+    alias = SPLIT_ALIASES.get(split)
+    if alias and (base / "annotations" / f"panoptic_{alias}.json").is_file():
+        log.info("%s: split %r not found, using %r", base, split, alias)
+        return alias
+    return split
+
+
+def require_split(root: str | os.PathLike[str], split: str) -> DatasetPaths:
+    """:func:`dataset_paths` of ``split`` under ``root``, or a :class:`DatasetError` that lists the splits that
+    exist there (a typo in ``--split`` then shows its fix)."""
+    paths = dataset_paths(root, split)
+    if not paths.json_file.is_file():
+        found = available_splits(root)
+        hint = (f"splits found: {', '.join(found)}" if found else
+                f"no annotations/panoptic_<split>.json under {root}")
+        raise DatasetError(f"split {split!r} not found ({paths.json_file} does not exist); {hint}")
+    return paths
+
+
 def dataset_paths(root: str | os.PathLike[str] | None, split: str, json_file: str | os.PathLike[str] | None = None,
                   png_dir: str | os.PathLike[str] | None = None,
                   image_dir: str | os.PathLike[str] | None = None) -> DatasetPaths:
@@ -55,8 +90,12 @@ def dataset_paths(root: str | os.PathLike[str] | None, split: str, json_file: st
 
     ``ROOT/annotations/panoptic_{split}.json``, its PNG folder (the JSON path without ``.json``, as in panopticapi,
     or else ``ROOT/panoptic_{split}/`` as in detectron2's layout) and ``ROOT/{split}/`` for the images.
+    A split that is missing under its generic name is looked up under COCO's (``val`` -> ``val2017``) and the
+    other way round.
     """
     base = Path(root) if root not in (None, "") else None
+    if base is not None and split and not json_file:
+        split = _split_in_root(base, split)
     if json_file:
         jf = Path(json_file)
     elif base is not None and split:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from remax.data.coco_panoptic import DatasetError, dataset_paths, paths_from_config
+from remax.data.coco_panoptic import DatasetError, available_splits, dataset_paths, paths_from_config
 from remax.data.io import image_size, load_json, read_image, read_panoptic_png
 
 __all__ = ["Problem", "find_splits", "check_dataset", "check_root", "validate_config_data"]
@@ -40,10 +40,7 @@ class Problem:
 
 def find_splits(root: str | os.PathLike[str]) -> list[str]:
     """Split names of ``ROOT/annotations/panoptic_{split}.json``, sorted."""
-    ann = Path(root) / "annotations"
-    if not ann.is_dir():
-        return []
-    return sorted(p.name[len("panoptic_"):-len(".json")] for p in ann.glob("panoptic_*.json") if p.is_file())
+    return available_splits(root)
 
 
 def _ids_text(values: Iterable[int], limit: int = 10) -> str:
@@ -265,7 +262,9 @@ def validate_config_data(data_cfg: Any, splits: Iterable[str], check_images: boo
     for split in splits:
         paths = paths_from_config(data_cfg, split)
         if not paths.json_file.is_file():
-            problems.append(Problem(str(paths.json_file), f"annotation file of split {split!r} not found"))
+            found = available_splits(data_cfg.root) if data_cfg.root else []
+            hint = f"; splits found: {', '.join(found)}" if found else ""
+            problems.append(Problem(str(paths.json_file), f"annotation file of split {split!r} not found{hint}"))
             continue
         problems += check_dataset(paths.json_file, paths.png_dir, paths.image_dir, check_images=check_images)
     if problems:

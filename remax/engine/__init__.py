@@ -7,10 +7,13 @@ heads, the kMaX / ReMaX objective, validation PQ and overlay pictures.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
-from collections.abc import Sequence
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +21,11 @@ import torch
 
 from remax.config import Config
 from remax.engine import distributed as dist_utils
-from remax.engine.trainer import NonFiniteLossError, Trainer, TrainParts, seed_everything
+from remax.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, TrainParts, seed_everything
 from remax.structures import CategoryInfo, category_mismatch
 
-__all__ = ["train", "build_parts", "Trainer", "TrainParts", "NonFiniteLossError", "save_val_overlays"]
+__all__ = ["train", "build_parts", "check_train_settings", "Trainer", "TrainParts", "NonFiniteLossError",
+           "TrainingInterrupted", "save_val_overlays"]
 
 log = logging.getLogger(__name__)
 
@@ -148,28 +152,95 @@ def save_val_overlays(model: torch.nn.Module, dataset: Any, cfg: Config, categor
     return written
 
 
+def check_train_settings(cfg: Config) -> None:
+    """Refuse values that would make a run meaningless or destructive, before any work (``ValueError``)."""
+    t = cfg.train
+    if t.max_steps < 1:
+        raise ValueError(f"train.max_steps (--max-steps) must be at least 1, got {t.max_steps}")
+    if t.keep_checkpoints < 0:
+        raise ValueError(f"train.keep_checkpoints must be 0 (only last.pt) or more, got {t.keep_checkpoints}")
+    for name in ("checkpoint_every", "eval_every", "log_every"):
+        if getattr(t, name) < 0:
+            raise ValueError(f"train.{name} must be 0 (off) or more, got {getattr(t, name)}")
+    if t.batch_size < 1:
+        raise ValueError(f"train.batch_size must be at least 1, got {t.batch_size}")
+    if not t.lr > 0:  # the value as given, not after scaling to the batch size
+        raise ValueError(f"train.lr must be positive, got {t.lr}")
+
+
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[None]:
+    """SIGTERM / SIGINT during set-up (data check, model building) raise :class:`TrainingInterrupted` at once:
+    nothing is saved yet, so there is nothing to finish."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise TrainingInterrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str | Path | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, init_partial: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` and return a summary (status, step, final evaluation, paths).
 
     ``resume=True`` continues from ``out_dir/checkpoints/last.pt`` exactly; ``init_from`` loads the weights of
     another checkpoint for fine-tuning. Its categories are matched to the data set's by id: the same set in
     another order renumbers the data set's classes to the checkpoint's order; a different set leaves the class
-    heads at their fresh initialisation (as do tensors whose shapes differ).
+    heads at their fresh initialisation (as do tensors whose shapes differ). ``init_partial`` accepts a
+    checkpoint that leaves most of the model fresh (see :func:`~remax.engine.trainer.load_init_weights`).
+
+    The run folder is locked (``run.lock``) from before the data check until the end, so a second writer is
+    refused (:class:`~remax.engine.run_folder.RunFolderError` naming the holder's PID); a folder this call created
+    is removed again if the run fails before writing anything. A signal during set-up returns a summary with
+    status ``interrupted`` and ``stopped_in="setup"``.
     Under ``torchrun`` every rank calls this; only rank 0 writes.
     """
     cfg = copy.deepcopy(cfg)
+    from remax.engine.run_folder import RunLock, remove_orphan_temporaries
     from remax.engine.trainer import resolve_device
 
+    check_train_settings(cfg)
     dist_utils.init_distributed(resolve_device(cfg.train.device).type)
+    out_dir = Path(out_dir)
+    lock = None
     try:
-        init_categories = None
-        if init_from:
-            from remax.checkpoint import checkpoint_categories, load_checkpoint
+        if dist_utils.is_main():
+            lock = RunLock(out_dir).acquire()
+            last = out_dir / "checkpoints" / "last.pt"
+            if not resume and last.exists():
+                raise FileExistsError(f"{out_dir} already holds a run; use --resume to continue it or choose "
+                                      f"another --out")
+            if resume and not last.exists():
+                raise FileNotFoundError(f"cannot resume: {last} not found")
+            remove_orphan_temporaries(out_dir)
+        try:
+            with _stop_on_signal():
+                init_categories = None
+                if init_from:
+                    from remax.checkpoint import checkpoint_categories, load_checkpoint
 
-            init_categories = checkpoint_categories(load_checkpoint(init_from, map_location="cpu")) or None
-        parts = build_parts(cfg, progress=progress, init_categories=init_categories)
-        trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, progress=progress)
-        return trainer.run()
+                    init_categories = checkpoint_categories(load_checkpoint(init_from, map_location="cpu")) or None
+                parts = build_parts(cfg, progress=progress, init_categories=init_categories)
+                trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, progress=progress,
+                                  init_partial=init_partial)
+        except TrainingInterrupted as stop:
+            log.warning("stopped by %s before training started; nothing was written", stop)
+            return {"status": "interrupted", "signal": str(stop), "stopped_in": "setup", "step": 0,
+                    "start_step": 0, "run_dir": str(out_dir), "checkpoint": None, "wall_time_s": 0.0,
+                    "last_log": {}, "eval": None}
+        result = trainer.run()
+        return result
     finally:
+        if lock is not None:
+            lock.release(remove_if_empty=True)
         dist_utils.cleanup()

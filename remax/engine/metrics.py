@@ -14,12 +14,21 @@ log = logging.getLogger(__name__)
 class MetricsWriter:
     """Appends records to ``metrics.jsonl`` (and TensorBoard when asked and installed). Rank 0 only."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None,
+                 drop_eval_at: int | None = None) -> None:
+        """``resume_step``: the step the run starts from (0 for a fresh run); rows after it belong to a run that
+        stopped before saving them and would be repeated, so they are dropped. ``drop_eval_at``: also drop the
+        ``eval`` rows of that step (a finished run that is resumed redoes its final evaluation)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            # Records written after the checkpoint we resume from would be duplicated by the resumed run.
-            kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= resume_step]
+            records = read_metrics(self.path)
+            kept = [r for r in records if int(r.get("step", 0)) <= resume_step
+                    and not (r.get("kind") == "eval" and drop_eval_at is not None
+                             and int(r.get("step", 0)) == drop_eval_at)]
+            if len(kept) != len(records):
+                log.info("%s: dropped %d row(s) not covered by the checkpoint at step %d", self.path,
+                         len(records) - len(kept), resume_step)
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         if tensorboard:

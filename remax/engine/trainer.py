@@ -31,7 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from remax.checkpoint import categories_to_state, checkpoint_categories, load_checkpoint, save_checkpoint
+from remax.checkpoint import (CheckpointError, categories_to_state, checkpoint_categories, load_checkpoint,
+                              save_checkpoint)
 from remax.config import Config
 from remax.engine import distributed as dist_utils
 from remax.engine.metrics import MetricsWriter, group_loss_terms, plot_curves
@@ -50,7 +51,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class TrainingInterrupted(Exception):
-    """Raised inside the loop when a stop was requested (internal)."""
+    """SIGTERM / SIGINT in a phase that stops at once (set-up, final evaluation, pictures); ``str()`` is the
+    signal's name."""
 
 
 @dataclass
@@ -131,8 +133,20 @@ def _is_class_tensor(key: str) -> bool:
     return not key.startswith("backbone.") and any(marker in f".{key}" for marker in CLASS_TENSOR_MARKERS)
 
 
+INIT_FRESH_LIMIT = 0.5  # above this share of the model's tensors left fresh, --init-from needs --init-partial
+
+
+def _groups(keys: Sequence[str]) -> str:
+    """``backbone (120), transformer_decoder (14)``: the top-level modules the keys belong to, with counts."""
+    counts: dict[str, int] = defaultdict(int)
+    for k in keys:
+        counts[k.split(" ")[0].split(".")[0]] += 1
+    return ", ".join(f"{g} ({n})" for g, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def load_init_weights(model: nn.Module, path: str | Path,
-                      categories: Sequence[CategoryInfo] | None = None) -> dict[str, list[str]]:
+                      categories: Sequence[CategoryInfo] | None = None,
+                      allow_partial: bool = False) -> dict[str, list[str]]:
     """Load a checkpoint's weights for fine-tuning; tensors whose shape differs (e.g. a class head for another
     number of classes) are skipped and reported, so the new heads keep their fresh initialisation.
 
@@ -140,6 +154,10 @@ def load_init_weights(model: nn.Module, path: str | Path,
     exactly these in this order, its per-class rows (class heads, semantic classifiers) would land on the wrong
     classes, so those tensors are skipped too, even when their shapes fit (``train`` aligns the data set's order
     with the checkpoint's first, so this happens only for a different category set).
+
+    When more than :data:`INIT_FRESH_LIMIT` of the model's tensors would keep their fresh initialisation (most
+    often a checkpoint of another architecture), a :class:`~remax.checkpoint.CheckpointError` names the groups
+    that do not fit, unless ``allow_partial`` (``--init-partial``) says this is intended.
     """
     state = load_checkpoint(path)
     source = {k.removeprefix("module."): v for k, v in state["model"].items()}
@@ -158,7 +176,16 @@ def load_init_weights(model: nn.Module, path: str | Path,
                 loadable[k] = v
     unexpected = sorted(k for k in source if k not in own)
     missing = sorted(k for k in own if k not in source)
+    fresh = [*mismatched, *reinitialised, *missing]
+    if own and len(fresh) > INIT_FRESH_LIMIT * len(own) and not allow_partial:
+        raise CheckpointError(
+            f"--init-from {path}: {len(fresh)} of the model's {len(own)} tensors would stay freshly initialised "
+            f"({_groups(fresh)}); is it a checkpoint of another model? Pass --init-partial to fine-tune from it "
+            f"anyway")
     model.load_state_dict(loadable, strict=False)
+    if fresh:
+        log.warning("--init-from %s: %d of %d tensors start fresh, by group: %s", path, len(fresh), len(own),
+                    _groups(fresh))
     log.info("initialised from %s: %d tensors loaded, %d skipped for shape, %d class tensors left fresh (other "
              "categories), %d missing, %d unused", path, len(loadable), len(mismatched), len(reinitialised),
              len(missing), len(unexpected))
@@ -190,7 +217,7 @@ class Trainer:
     """Runs one training job into ``run_dir`` (see module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, parts: TrainParts, *, resume: bool = False,
-                 init_from: str | Path | None = None, progress: bool = True) -> None:
+                 init_from: str | Path | None = None, progress: bool = True, init_partial: bool = False) -> None:
         self.cfg = cfg
         self.t = cfg.train
         self.run_dir = Path(run_dir)
@@ -224,7 +251,7 @@ class Trainer:
                              "Raise train.batch_size, lower train.grad_accum_steps, or use train.sync_bn under DDP "
                              "on GPUs")
         if init_from:
-            load_init_weights(self.model, init_from, categories=parts.categories)
+            load_init_weights(self.model, init_from, categories=parts.categories, allow_partial=init_partial)
         self.model.to(self.device)
         if self.sync_bn:
             self.model = dist_utils.to_sync_batchnorm(self.model)
@@ -241,6 +268,7 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=False, broadcast_buffers=True)
         self._stop_signal: str | None = None
+        self._stop_now = False  # True after the final checkpoint: a signal then raises TrainingInterrupted
 
     # ---------------------------------------------------------------------------------------------- setup
 
@@ -259,8 +287,14 @@ class Trainer:
     def _resume(self) -> None:
         path = self.ckpt_dir / "last.pt"
         state = load_checkpoint(path, map_location="cpu")
-        self.model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict({k.removeprefix("module."): v for k, v in state["model"].items()})
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()
+            detail = next((ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else type(exc).__name__)
+            raise CheckpointError(f"cannot resume from {path}: the model of this config differs from the "
+                                  f"checkpoint's ({detail}); resume without changing model.* settings") from None
         self.schedule.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -321,13 +355,18 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self._stop_signal is not None and signum == signal.SIGINT:
+        if self._stop_signal is not None and signum == signal.SIGINT and not self._stop_now:
             raise KeyboardInterrupt  # second Ctrl-C: stop at once
         self._stop_signal = name
+        if self._stop_now:
+            raise TrainingInterrupted(name)
         log.warning("%s received: saving a checkpoint at the end of this step, then stopping", name)
 
     @contextlib.contextmanager
     def _signal_handlers(self):
+        """SIGTERM / SIGINT for the whole run. In the step loop and while a checkpoint is written a signal is only
+        noted (the loop saves and stops after the step); in the later phases (final evaluation, pictures,
+        curves) it raises :class:`TrainingInterrupted` at once, since the checkpoint is already safe."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -400,36 +439,44 @@ class Trainer:
         return result
 
     def run(self) -> dict[str, Any]:
-        """Train to ``train.max_steps`` (or until a signal); return a summary dict."""
+        """Train to ``train.max_steps`` (or until a signal); return a summary dict.
+
+        ``status`` is ``completed`` or ``interrupted`` (stopped in the loop, checkpoint saved); ``stopped_in``
+        names a later phase a signal cut short (``evaluation``, ``pictures``, ``curves``), whose results are then
+        missing although the checkpoint is complete.
+        """
         t = self.t
         start_step = self.step
         writer = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
-            writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard,
-                                   resume_step=start_step if start_step > 0 else None)
+            # Rows after the checkpoint's step (or any row, on a fresh start into a folder whose earlier run never
+            # saved a checkpoint) would be repeated by this run; a finished run's final evaluation is redone.
+            writer = MetricsWriter(self.run_dir, tensorboard=t.tensorboard, resume_step=start_step,
+                                   drop_eval_at=start_step if start_step >= t.max_steps else None)
             log.info("training %s for %d steps (from %d) on %s x%d: global batch %d = %d ranks x %d accum x %d "
                      "images, peak lr %.3g, run folder %s", self.cfg.preset, t.max_steps, start_step,
                      self.device, self.world, t.batch_size, self.world, self.accum, self.micro_batch,
                      scaled_lr(t), self.run_dir)
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                   disable=not (self.progress and self.is_main), desc="train")
-        loader = self._loader()
-        data_iter = iter(loader)
-        window: dict[str, float] = defaultdict(float)
-        window_n = 0
-        window_images = 0
-        window_t0 = time.perf_counter()
         t_start = time.perf_counter()
         last_log: dict[str, float] = {}
         eval_result: dict[str, Any] | None = None
         status = "completed"
-        self.model.train()
-        try:
-            with self._signal_handlers():
+        stopped_in: str | None = None
+        with self._signal_handlers():
+            bar = tqdm(total=t.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                       disable=not (self.progress and self.is_main), desc="train")
+            loader = self._loader()
+            data_iter = iter(loader)
+            window: dict[str, float] = defaultdict(float)
+            window_n = 0
+            window_images = 0
+            window_t0 = time.perf_counter()
+            self.model.train()
+            try:
                 while self.step < t.max_steps:
                     if dist_utils.any_rank(self._stop_signal is not None, self.device):
                         status = "interrupted"
@@ -468,29 +515,48 @@ class Trainer:
                         self.save(periodic=True)
                     if t.eval_every > 0 and self.step % t.eval_every == 0 and not done:
                         self._evaluate(writer)
-        finally:
-            bar.close()
-            del data_iter
+            finally:
+                bar.close()
+                del data_iter
 
-        self.save(periodic=status == "completed" and t.keep_checkpoints > 0)
-        if status == "interrupted":
-            log.warning("stopped by %s at step %d; checkpoint %s (continue with --resume)", self._stop_signal,
-                        self.step, self.ckpt_dir / "last.pt")
-        else:
-            eval_result = self._evaluate(writer)
-            if self.is_main and self.parts.after_training is not None:
-                self.model.eval()
-                self.parts.after_training(self.model, self.run_dir)
-        if self.is_main:
+            # A signal during this save is noted, as in the loop; the save completes first.
+            self.save(periodic=status == "completed" and t.keep_checkpoints > 0 and self.step > start_step)
+            if status == "interrupted":
+                log.warning("stopped by %s at step %d; checkpoint %s (continue with --resume)", self._stop_signal,
+                            self.step, self.ckpt_dir / "last.pt")
+            # From here on the checkpoint is safe: a signal stops the current phase at once.
+            self._stop_now = True
+            phase = "evaluation"
             try:
-                plot_curves(self.run_dir)
-            except Exception as exc:  # plotting must never lose a finished run
-                log.warning("could not draw the curves: %s", exc)
-            writer.close()
+                if self._stop_signal is not None and status == "completed":
+                    raise TrainingInterrupted(self._stop_signal)
+                if status == "completed":
+                    eval_result = self._evaluate(writer)
+                    phase = "pictures"
+                    if self.is_main and self.parts.after_training is not None:
+                        self.model.eval()
+                        self.parts.after_training(self.model, self.run_dir)
+                phase = "curves"
+                if self.is_main:
+                    try:
+                        plot_curves(self.run_dir)
+                    except TrainingInterrupted:
+                        raise
+                    except Exception as exc:  # plotting must never lose a finished run
+                        log.warning("could not draw the curves: %s", exc)
+            except TrainingInterrupted as stop:
+                stopped_in = phase
+                log.warning("stopped by %s during the final %s; checkpoint %s at step %d is complete%s", stop,
+                            phase, self.ckpt_dir / "last.pt", self.step,
+                            " (evaluate it with remax eval --checkpoint)" if phase == "evaluation" else "")
+            finally:
+                if writer is not None:
+                    writer.close()
         dist_utils.barrier()
         return {
             "status": status,
             "signal": self._stop_signal,
+            "stopped_in": stopped_in,
             "step": self.step,
             "start_step": start_step,
             "run_dir": str(self.run_dir),

@@ -363,10 +363,23 @@ def _resize_nearest(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; other names are passed to :class:`torch.device`."""
+    """``"auto"`` -> CUDA when available, else CPU; other names are passed to :class:`torch.device`.
+
+    A CUDA device that this machine lacks is a ``ValueError`` here, in one line, instead of a driver traceback at
+    the first tensor copy.
+    """
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _keep_remask(model: torch.nn.Module, cfg: Config) -> None:

@@ -85,7 +85,18 @@ def overlay_panoptic(image: Image.Image | np.ndarray | torch.Tensor, id_map: np.
     picture = Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), mode="RGB")
     if draw_labels and segments_info:
         _draw_labels(picture, ids, segments_info, categories)
+    elif draw_labels:
+        _draw_empty_note(picture)
     return picture
+
+
+def _draw_empty_note(picture: Image.Image) -> None:
+    """Say "0 segments" in the corner: an overlay without segments otherwise looks like an untouched photo."""
+    draw = ImageDraw.Draw(picture)
+    text = "0 segments"
+    left, top, right, bottom = draw.textbbox((3, 2), text)
+    draw.rectangle((0, 0, right + 3, bottom + 2), fill=(0, 0, 0))
+    draw.text((3, 2), text, fill=(255, 255, 255))
 
 
 def _draw_labels(picture: Image.Image, ids: np.ndarray, segments_info: Sequence[Mapping],

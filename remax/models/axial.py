@@ -78,21 +78,32 @@ class AxialAttention1D(nn.Module):
 
 
 class AxialAttention2D(nn.Module):
-    """Height-axis attention followed by width-axis attention on a B×C×H×W map (output ``value_depth`` ch.)."""
+    """Height-axis attention followed by width-axis attention on a B×C×H×W map (output ``value_depth`` ch.).
+
+    ``stride`` > 1 down-samples inside the layer, as the strided axial blocks of an Axial-ResNet do (deeplab2's
+    MaX-S): the height-axis output keeps every ``stride``-th row before the width axis runs, and the width-axis
+    output every ``stride``-th column, so an ``n``-long axis becomes ``ceil(n / stride)`` like a strided conv.
+    """
 
     def __init__(self, in_channels: int, key_depth: int, value_depth: int, num_heads: int = 8,
-                 max_length: int = 255, **bn):
+                 max_length: int = 255, *, stride: int = 1, **bn):
         super().__init__()
+        if stride < 1:
+            raise ValueError(f"axial attention stride must be >= 1, got {stride}")
         self.value_depth = value_depth
+        self.stride = stride
         self.height_axis = AxialAttention1D(in_channels, key_depth, value_depth, num_heads, max_length, **bn)
         self.width_axis = AxialAttention1D(value_depth, key_depth, value_depth, num_heads, max_length, **bn)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, height, width = x.shape
-        d = self.value_depth
+        d, s = self.value_depth, self.stride
         # Columns as sequences: B·W × C × H.
-        y = self.height_axis(x.permute(0, 3, 1, 2).reshape(b * width, c, height))
+        y = self.height_axis(x.permute(0, 3, 1, 2).reshape(b * width, c, height)).reshape(b, width, d, height)
+        if s > 1:
+            y = y[..., ::s]
+            height = y.shape[-1]
         # Rows as sequences: B·H × D × W.
-        y = y.reshape(b, width, d, height).permute(0, 3, 2, 1).reshape(b * height, d, width)
-        y = self.width_axis(y)
-        return y.reshape(b, height, d, width).permute(0, 2, 1, 3)
+        y = y.permute(0, 3, 2, 1).reshape(b * height, d, width)
+        y = self.width_axis(y).reshape(b, height, d, width).permute(0, 2, 1, 3)
+        return y[..., ::s] if s > 1 else y

@@ -151,3 +151,14 @@ class TimmBackbone(nn.Module):
             out["stem"] = self._captured.pop()
             self._captured.clear()  # hold no activations between calls
         return out
+
+
+def build_backbone(name: str, **kwargs) -> nn.Module:
+    """The backbone called ``name``: our Axial-ResNet-50 for ``"max_s"`` / ``"axial_resnet50"`` (timm has none),
+    otherwise a timm ``features_only`` network. Both expose ``channels``, ``strides`` and ``feature_order`` and
+    return a feature dict, so the pixel decoder and the heads do not care which one they get."""
+    from remax.models.axial_resnet import AXIAL_RESNET_NAMES, AxialResNet
+
+    if name in AXIAL_RESNET_NAMES:
+        return AxialResNet(name, **kwargs)
+    return TimmBackbone(name, **kwargs)

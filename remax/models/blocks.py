@@ -20,31 +20,37 @@ class BottleneckBlock(nn.Module):
     """Pre-activation bottleneck: GELU → 1×1 → 3×3 (or 2-D axial attention) → 1×1 with zero-init last BN.
 
     ``axial=True`` replaces the 3×3 conv by height-then-width axial attention (key depth ``mid``, value depth
-    ``2·mid``) followed by GELU, as in the reference axial block.
+    ``2·mid``) followed by GELU, as in the reference axial block. ``stride`` > 1 (backbone blocks, e.g. MaX-S)
+    strides the first spatial operation (the 3×3 conv or the attention) and the shortcut, as deeplab2 does; the
+    pixel decoder's blocks keep stride 1.
     """
 
     def __init__(self, in_channels: int, filters: tuple[int, int, int], *, axial: bool = False,
-                 num_heads: int = 8, max_length: int = 255, drop_path: float = 0.0,
+                 num_heads: int = 8, max_length: int = 255, drop_path: float = 0.0, stride: int = 1,
                  bn_momentum: float = BN_MOMENTUM, bn_eps: float = BN_EPS):
         super().__init__()
         c1, mid, out = filters
         bn = dict(bn_momentum=bn_momentum, bn_eps=bn_eps)
         self.axial = axial
+        self.stride = stride
         self.conv1 = ConvBN(in_channels, c1, 1, act=True, **bn)
         if axial:
             self.attention = AxialAttention2D(c1, key_depth=mid, value_depth=2 * mid, num_heads=num_heads,
-                                              max_length=max_length, **bn)
+                                              max_length=max_length, stride=stride, **bn)
             conv3_in = 2 * mid
         else:
-            self.conv2 = ConvBN(c1, mid, 3, padding=1, act=True, **bn)
+            self.conv2 = ConvBN(c1, mid, 3, stride=stride, padding=1, act=True, **bn)
             conv3_in = mid
         self.conv3 = ConvBN(conv3_in, out, 1, norm_init=0.0, **bn)
-        self.shortcut = ConvBN(in_channels, out, 1, **bn) if in_channels != out else None
+        self.shortcut = ConvBN(in_channels, out, 1, stride=stride, **bn) if in_channels != out else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.gelu(x)
-        shortcut = self.shortcut(x) if self.shortcut is not None else x
+        if self.shortcut is not None:
+            shortcut = self.shortcut(x)
+        else:
+            shortcut = x[..., :: self.stride, :: self.stride] if self.stride > 1 else x
         if self.axial:
             y = F.gelu(self.attention(self.conv1(x)))
         else:

@@ -17,7 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from remax.config import ModelConfig, model_config
-from remax.models.backbones import TimmBackbone
+from remax.models.backbones import build_backbone
 from remax.models.heads import AuxSemanticDecoder, ReMaskSemanticHead, Res5SemanticHead
 from remax.models.kmax_decoder import KMaXTransformerDecoder
 from remax.models.layers import resize_bilinear
@@ -50,11 +50,11 @@ class KMaXDeepLab(nn.Module):
         self.cfg = cfg
         self.remask = remask or ReMaskOptions()
         bn = dict(bn_momentum=cfg.bn_momentum, bn_eps=cfg.bn_eps)
-        self.backbone = TimmBackbone(cfg.backbone, pretrained=cfg.backbone_pretrained,
-                                     drop_path=cfg.backbone_drop_path,
-                                     pretrained_file=cfg.backbone_pretrained_file,
-                                     bn_eps=cfg.backbone_bn_eps, bn_momentum=cfg.backbone_bn_momentum,
-                                     stem_feature=cfg.pixel_decoder_stem_feature)
+        self.backbone = build_backbone(cfg.backbone, pretrained=cfg.backbone_pretrained,
+                                       drop_path=cfg.backbone_drop_path,
+                                       pretrained_file=cfg.backbone_pretrained_file,
+                                       bn_eps=cfg.backbone_bn_eps, bn_momentum=cfg.backbone_bn_momentum,
+                                       stem_feature=cfg.pixel_decoder_stem_feature)
         self.pixel_decoder = KMaXPixelDecoder(
             self.backbone.channels, tuple(cfg.pixel_decoder_layers), tuple(cfg.pixel_decoder_channels),
             tuple(cfg.pixel_decoder_block_types), order=self.backbone.feature_order, strides=self.backbone.strides,

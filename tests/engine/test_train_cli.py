@@ -126,7 +126,7 @@ def test_train_on_custom_coco_folder_and_finetune(tmp_path: Path) -> None:
     data = tmp_path / "custom"
     _write_coco_fixture(data)
     out = tmp_path / "run"
-    res = run_remax(*_args(data, out, "--max-steps", "2"), cwd=tmp_path)
+    res = run_remax(*_args(data, out, "--max-steps", "2", "--per-class"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["config"]["model"]["num_classes"] == 3 and state["config"]["data"]["name"] == "custom"

@@ -65,3 +65,13 @@ def test_labels_are_drawn_on_large_pictures_only():
     small = np.full((40, 50, 3), 100, np.uint8)
     np.testing.assert_array_equal(np.asarray(overlay_panoptic(small, ids, segs, CATS, draw_labels=True)),
                                   np.asarray(overlay_panoptic(small, ids, segs, CATS, draw_labels=False)))
+
+
+def test_overlay_without_segments_says_so():
+    image = np.full((120, 160, 3), 128, np.uint8)
+    ids = np.zeros((120, 160), np.int64)
+    assert np.array_equal(np.asarray(overlay_panoptic(image, ids, [], CATS, draw_labels=False)), image)
+    noted = np.asarray(overlay_panoptic(image, ids, [], CATS))
+    corner = noted[:20, :80]
+    assert (corner == 0).any() and (corner > 200).any()  # "0 segments", white on black
+    assert np.array_equal(noted[40:], image[40:])

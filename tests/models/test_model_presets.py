@@ -36,7 +36,9 @@ def _params(module: torch.nn.Module) -> int:
 def test_all_presets_listed() -> None:
     assert set(PRESETS) == {"remax_t", "remax_s", "remax_m", "remax_b", "kmax_r50", "kmax_convnext_t",
                             "kmax_convnext_s", "kmax_convnext_b", "kmax_convnext_l", "kmax_cityscapes_r50",
-                            "kmax_cityscapes_convnext_l", "kmax_ade20k_r50", "kmax_ade20k_convnext_l", "nano"}
+                            "kmax_cityscapes_convnext_l", "kmax_ade20k_r50", "kmax_ade20k_convnext_l",
+                            "remax_cityscapes_mnv3s", "remax_cityscapes_mnv3l", "remax_cityscapes_r50",
+                            "remax_cityscapes_maxs", "remax_ade20k_r50_641", "remax_ade20k_r50_1281", "nano"}
 
 
 @pytest.mark.parametrize("preset", sorted(SPEC_PARAMS))
@@ -87,27 +89,31 @@ def _distinct_presets() -> list[str]:
 
 
 def test_only_recipe_twins_share_an_architecture() -> None:
-    assert set(PRESETS) - set(_distinct_presets()) == {"kmax_r50"}
+    assert set(PRESETS) - set(_distinct_presets()) == {"kmax_r50", "remax_ade20k_r50_1281"}
     assert model_config("kmax_r50") == model_config("remax_b")
+    assert model_config("remax_ade20k_r50_1281") == model_config("kmax_ade20k_r50")
 
 
 @pytest.mark.parametrize("preset", _distinct_presets())
 def test_forward_backward_reaches_every_parameter_on_meta(preset: str) -> None:
-    """Non-square 97×161 input, training heads on: every output has the stride-4 size and every parameter
-    (backbone, pixel decoder, all decoder layers and their auxiliary heads, semantic heads) gets a gradient;
-    then the eval form at 129×129 returns only what post-processing needs."""
+    """Non-square 97×161 input, training heads on: every output has the size of the model's output stride (4, or
+    2 with a stride-2 pixel-decoder stage) and every parameter (backbone, pixel decoder, all decoder layers and
+    their auxiliary heads, semantic heads) gets a gradient; then the eval form at 129×129 returns only what
+    post-processing needs."""
     model = _meta_model(preset, with_training_heads=True).train()
     cfg = model.cfg
+    s = model.output_stride
+    size = (-(-97 // s), -(-161 // s))  # ceil: (25, 41) at stride 4
     with torch.device("meta"):
         out = model(torch.zeros(2, 3, 97, 161))
     layers = sum(cfg.transformer_decoder_layers)
     assert len(out["aux_outputs"]) == layers
     assert len(out["remask_semantic_logits"]) == min(cfg.remask_stages, layers)
-    assert out["pred_masks"].shape == (2, cfg.num_queries, 25, 41)
+    assert out["pred_masks"].shape == (2, cfg.num_queries, *size)
     assert out["pred_logits"].shape == (2, cfg.num_queries, cfg.num_classes + 1)
-    assert out["semantic_logits"].shape == (2, cfg.num_classes, 25, 41)
+    assert out["semantic_logits"].shape == (2, cfg.num_classes, *size)
     tensors = _all_outputs(out)
-    assert all(t.shape[-2:] == (25, 41) for t in tensors if t.dim() == 4)
+    assert all(t.shape[-2:] == size for t in tensors if t.dim() == 4)
     sum(t.sum() for t in tensors).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing
@@ -116,7 +122,7 @@ def test_forward_backward_reaches_every_parameter_on_meta(preset: str) -> None:
     with torch.device("meta"), torch.no_grad():
         out = model(torch.zeros(1, 3, 129, 129))
     assert set(out) == {"pred_logits", "pred_masks"}
-    assert out["pred_masks"].shape == (1, cfg.num_queries, 33, 33)
+    assert out["pred_masks"].shape == (1, cfg.num_queries, -(-129 // s), -(-129 // s))
 
 
 @pytest.mark.slow
@@ -134,4 +140,6 @@ def test_paper_preset_real_cpu_forward_backward(preset: str) -> None:
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     model.eval()
     with torch.no_grad():
-        assert model(torch.randn(1, 3, 33, 97))["pred_masks"].shape == (1, model.cfg.num_queries, 9, 25)
+        s = model.output_stride
+        assert model(torch.randn(1, 3, 33, 97))["pred_masks"].shape == (1, model.cfg.num_queries, -(-33 // s),
+                                                                         -(-97 // s))
