@@ -159,7 +159,7 @@ def test_initialisation_knobs_of_the_mask_scale_and_kmeans_update():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 65, 65)
     open_ = build_model("nano", input_size=(65, 65), mask_scale_init=1.0, kmeans_update_init=0.5).eval()
-    assert all(float(m.mask_bn.weight) == 1.0 for m in open_.modules() if hasattr(m, "mask_bn"))
+    assert all(m.mask_bn.weight.item() == 1.0 for m in open_.modules() if hasattr(m, "mask_bn"))
     assert all(bool((layer.kmeans_conv3.norm.weight == 0.5).all()) for layer in open_.transformer_decoder.layers)
     # With the k-means update closed (and the reference's zero-initialised self-attention and FFN residuals) the
     # centres, and so the class logits, are the same for every image at initialisation; open, they depend on it.
