@@ -78,7 +78,8 @@ def load_image(image: ImageInput) -> torch.Tensor:
 
 
 def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
-    im = ImageOps.exif_transpose(im)
+    # One full-size copy at a time: a 12000×8000 photo is 288 MB per RGB copy.
+    im = ImageOps.exif_transpose(im) if im.getexif().get(0x0112, 1) != 1 else im
     if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         im = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
@@ -89,7 +90,7 @@ def _pil_to_tensor(im: Image.Image) -> torch.Tensor:
             arr = arr * (255.0 / peak)
         arr = np.clip(arr, 0, 255).astype(np.uint8)
         return torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(0).expand(3, -1, -1).contiguous()
-    arr = np.asarray(im.convert("RGB"))
+    arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 

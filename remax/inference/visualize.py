@@ -60,6 +60,13 @@ def colorize(id_map: np.ndarray, segments_info: Sequence[Mapping],
     return out
 
 
+_BAND_PIXELS = 1 << 18  # pixels blended (or counted) at once: about 12 MB of float temporaries per band
+
+
+def _band_rows(width: int) -> int:
+    return max(1, _BAND_PIXELS // max(1, width))
+
+
 def overlay_panoptic(image: Image.Image | np.ndarray | torch.Tensor, id_map: np.ndarray | torch.Tensor,
                      segments_info: Sequence[Mapping], categories: Sequence[CategoryInfo] | None = None,
                      alpha: float = 0.55, draw_boundaries: bool = True, draw_labels: bool = True) -> Image.Image:
@@ -76,13 +83,21 @@ def overlay_panoptic(image: Image.Image | np.ndarray | torch.Tensor, id_map: np.
         base = np.asarray(image)
     if base.shape[:2] != ids.shape:
         raise ValueError(f"image size {base.shape[:2]} differs from the id map size {ids.shape}")
-    base = base[..., :3].astype(np.float32)
-    color = colorize(ids, segments_info, categories).astype(np.float32)
-    labelled = (ids != 0)[..., None]
-    out = np.where(labelled, (1 - alpha) * base + alpha * color, base)
-    if draw_boundaries:
-        out[boundaries(ids)] = 255.0
-    picture = Image.fromarray(np.clip(out, 0, 255).round().astype(np.uint8), mode="RGB")
+    edges = boundaries(ids) if draw_boundaries else None
+    out = np.empty((*ids.shape, 3), dtype=np.uint8)
+    # Blend a band of rows at a time: the float temporaries stay the size of a band, not of the photo (a
+    # 12000×8000 photo needs over 1 GB per full-size float picture).
+    step = _band_rows(ids.shape[1])
+    for top in range(0, ids.shape[0], step):
+        rows = slice(top, top + step)
+        band = base[rows, :, :3].astype(np.float32)
+        color = colorize(ids[rows], segments_info, categories).astype(np.float32)
+        labelled = (ids[rows] != 0)[..., None]
+        blended = np.where(labelled, (1 - alpha) * band + alpha * color, band)
+        if edges is not None:
+            blended[edges[rows]] = 255.0
+        out[rows] = np.clip(blended, 0, 255).round().astype(np.uint8)
+    picture = Image.fromarray(out, mode="RGB")
     if draw_labels and segments_info:
         _draw_labels(picture, ids, segments_info, categories)
     elif draw_labels:
@@ -108,14 +123,24 @@ def _draw_labels(picture: Image.Image, ids: np.ndarray, segments_info: Sequence[
         return
     min_area = max(64, (h * w) // 400)
     draw = ImageDraw.Draw(picture)
-    uniq, inverse, counts = np.unique(ids.ravel(), return_inverse=True, return_counts=True)
-    ys = np.bincount(inverse, weights=np.repeat(np.arange(h), w), minlength=uniq.size)
-    xs = np.bincount(inverse, weights=np.tile(np.arange(w), h), minlength=uniq.size)
-    index = {int(v): i for i, v in enumerate(uniq.tolist())}
+    # Pixel count and coordinate sums per id, a band of rows at a time (full-size index arrays would be 8 bytes
+    # per pixel each).
+    sums: dict[int, np.ndarray] = {}
+    cols = np.arange(w, dtype=np.float64)
+    step = _band_rows(w)
+    for top in range(0, h, step):
+        band = ids[top:top + step]
+        uniq, inverse, counts = np.unique(band.ravel(), return_inverse=True, return_counts=True)
+        ys = np.bincount(inverse, weights=np.repeat(np.arange(top, top + band.shape[0], dtype=np.float64), w),
+                         minlength=uniq.size)
+        xs = np.bincount(inverse, weights=np.tile(cols, band.shape[0]), minlength=uniq.size)
+        for v, n, y, x in zip(uniq.tolist(), counts.tolist(), ys.tolist(), xs.tolist()):
+            acc = sums.setdefault(int(v), np.zeros(3))
+            acc += (n, y, x)
     for s in segments_info:
-        k = index.get(int(s["id"]))
-        if k is None or int(s["id"]) == 0 or counts[k] < min_area:
+        acc = sums.get(int(s["id"]))
+        if acc is None or int(s["id"]) == 0 or acc[0] < min_area:
             continue
         text = names.get(int(s["category_id"]), str(s["category_id"]))
-        cx, cy = xs[k] / counts[k], ys[k] / counts[k]
+        cx, cy = acc[2] / acc[0], acc[1] / acc[0]
         draw.text((cx, cy), text, fill=(255, 255, 255), anchor="mm", stroke_width=1, stroke_fill=(0, 0, 0))

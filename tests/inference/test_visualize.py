@@ -75,3 +75,48 @@ def test_overlay_without_segments_says_so():
     corner = noted[:20, :80]
     assert (corner == 0).any() and (corner > 200).any()  # "0 segments", white on black
     assert np.array_equal(noted[40:], image[40:])
+
+
+def _overlay_in_one_piece(image: np.ndarray, ids: np.ndarray, segs: list, alpha: float = 0.55) -> np.ndarray:
+    """The blend written over the whole picture at once (the formula the banded overlay must reproduce)."""
+    base = image.astype(np.float32)
+    color = colorize(ids, segs, CATS).astype(np.float32)
+    out = np.where((ids != 0)[..., None], (1 - alpha) * base + alpha * color, base)
+    out[boundaries(ids)] = 255.0
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def test_banded_overlay_equals_the_whole_picture_blend(monkeypatch):
+    import remax.inference.visualize as vis
+
+    ids, segs = scene()
+    image = np.random.default_rng(0).integers(0, 256, (*ids.shape, 3), dtype=np.uint8)
+    monkeypatch.setattr(vis, "_BAND_PIXELS", 7 * ids.shape[1])  # 7-row bands cut through segments and boundaries
+    got = np.asarray(overlay_panoptic(image, ids, segs, CATS, draw_labels=False))
+    assert np.array_equal(got, _overlay_in_one_piece(image, ids, segs))
+
+
+def test_large_overlay_allocates_a_few_bytes_per_pixel():
+    """A big photo's overlay must not hold full-size float pictures (4 bytes × 3 channels each) or full-size
+    int64 index arrays (it peaked at about 60 bytes per pixel). What may be full size: the uint8 picture (3 bytes
+    per pixel), the boundary map and its two shifted comparisons (3); the float work is bounded by the band."""
+    import tracemalloc
+
+    import remax.inference.visualize as vis
+
+    h, w = 1200, 1600
+    ids = np.zeros((h, w), np.int64)
+    ids[: h // 2] = 5
+    ids[h // 2:] = 6
+    ids[300:900, 200:700] = 11
+    ids[300:900, 700:1200] = 12
+    _, segs = scene()
+    image = np.full((h, w, 3), 90, np.uint8)
+    tracemalloc.start()
+    try:
+        overlay_panoptic(image, ids, segs, CATS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    band_budget = 3 * 4 * 3 * vis._BAND_PIXELS + 8 * 2 * vis._BAND_PIXELS  # 3 float pictures + 2 index arrays
+    assert peak < 8 * h * w + band_budget, f"peak {peak / (h * w):.1f} bytes per pixel"
