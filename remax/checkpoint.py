@@ -31,6 +31,13 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (full disk, permissions); the message names the file."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (torch's unpickling errors span many lines; the first one names the
+    file and the cause), or its type name when it has no message."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def _file_mode() -> int:
     """The mode ``open()`` would give a new file under the current umask (``mkstemp`` always uses 0600)."""
     mask = os.umask(0)
@@ -46,7 +53,7 @@ def _write_reason(exc: BaseException) -> str:
         return "file too large (file-size limit)"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     if "unexpected pos" in text or "PytorchStreamWriter" in text or "file write failed" in text:
         return "the write failed (disk full, quota or file-size limit)"
     return text

@@ -470,12 +470,6 @@ def _report_training(args: argparse.Namespace, run_dir: "Path", result: dict) ->
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
-    """torch's unpickling errors span many lines; the first one names the file and the cause."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="panoptic quality, mIoU and AP of a checkpoint or of predictions on disk",
@@ -508,7 +502,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from remax.checkpoint import CheckpointError
+    from remax.checkpoint import CheckpointError, first_line
     from remax.data.coco_panoptic import DatasetError, require_split
     from remax.engine.evaluate import evaluate_files, evaluate_model, format_result, result_to_json
 
@@ -546,7 +540,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 gt_json, gt_dir = paths.json_file, args.gt_png_dir or paths.png_dir
             result = evaluate_files(gt_json, args.pred_json, gt_dir, args.pred_dir, progress=not args.no_progress)
     except CheckpointError as exc:
-        raise CLIError(_first_line(exc)) from None
+        raise CLIError(first_line(exc)) from None
     except (OSError, ValueError, KeyError, DatasetError) as exc:  # also errors from DataLoader workers
         raise CLIError(_error_line(exc)) from None
     print(format_result(result, per_class=not args.no_per_class))
@@ -583,7 +577,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from remax.checkpoint import CheckpointError
+    from remax.checkpoint import CheckpointError, first_line
     from remax.inference.predictor import Predictor, list_images
     from remax.inference.writer import predict_files
 
@@ -606,7 +600,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, semantic=args.semantic,
                                               instances=False, overrides=args.overrides)
     except CheckpointError as exc:
-        raise CLIError(_first_line(exc)) from None
+        raise CLIError(first_line(exc)) from None
     except ValueError as exc:
         raise CLIError(_error_line(exc)) from None
 
@@ -654,7 +648,7 @@ def _add_convert_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
-    from remax.checkpoint import CheckpointError
+    from remax.checkpoint import CheckpointError, first_line
     from remax.config import PRESET_DATA
     from remax.convert import convert_reference_checkpoint
 
@@ -664,7 +658,7 @@ def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
                                                keep_aux_head=not args.drop_training_heads,
                                                overrides=args.overrides)
     except CheckpointError as exc:
-        raise CLIError(_first_line(exc)) from None
+        raise CLIError(first_line(exc)) from None
     except (OSError, ValueError) as exc:  # ReferenceConversionError is a ValueError
         raise CLIError(str(exc)) from None
     aux = "kept (void row dropped)" if summary.aux_head else "dropped"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from remax.checkpoint import CheckpointError, categories_to_state, save_checkpoint
+from remax.checkpoint import CheckpointError, categories_to_state, first_line, save_checkpoint
 from remax.config import Config, get_config
 from remax.models.convert_reference import (ReferenceConversionError, plan_reference_conversion,
                                             reference_num_classes)
@@ -71,11 +71,6 @@ def reference_categories(dataset: str) -> list[CategoryInfo]:
     raise ValueError(f"unknown reference data set {dataset!r}; choose from {', '.join(REFERENCE_DATASETS)}")
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 def read_reference_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read a reference checkpoint: ``(state_dict, other entries)``.
 
@@ -93,15 +88,14 @@ def read_reference_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor
         text = str(exc)
         if "Weights only load failed" in text or "weights_only" in text:
             found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f"e.g. {found.group(1)}" if found else _first_line(exc)
+            what = f"e.g. {found.group(1)}" if found else first_line(exc)
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors ({what}); they are not unpickled because that "
-                f"could run code. If you trust the file, keep only its weights: "
-                f"torch.save({{'model': torch.load(SRC, weights_only=False)['model']}}, NEW)") from None
-        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({_first_line(exc)})") from None
+                f"could run code. A file holding only the state_dict (tensors) converts") from None
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({first_line(exc)})") from None
     except Exception as exc:  # torch raises many kinds for truncated or foreign files
         raise CheckpointError(f"cannot read {path}: truncated, corrupt or not a torch checkpoint "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or a state_dict")
     if isinstance(obj.get("model"), Mapping):

@@ -64,15 +64,6 @@ def reference_outputs(name: str) -> dict[str, Tensor]:
     return torch.load(require_fixture() / f"{name}.outputs.pt", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One intra-op thread, as the fixture was produced (and much faster on a shared two-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Key lists of the reference's Cityscapes and ADE20K R50 models, derived from the COCO R50 list.
 #

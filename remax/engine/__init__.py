@@ -225,14 +225,17 @@ def train(cfg: Config, out_dir: str | Path, resume: bool = False, init_from: str
             remove_orphan_temporaries(out_dir)
         try:
             with _stop_on_signal():
-                init_categories = None
+                init_state = init_categories = None
                 if init_from:
                     from remax.checkpoint import checkpoint_categories, load_checkpoint
 
-                    init_categories = checkpoint_categories(load_checkpoint(init_from, map_location="cpu")) or None
+                    # Read once: its categories order the data set, its weights initialise the model.
+                    init_state = load_checkpoint(init_from, map_location="cpu")
+                    init_categories = checkpoint_categories(init_state) or None
                 parts = build_parts(cfg, progress=progress, init_categories=init_categories)
-                trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, progress=progress,
-                                  init_partial=init_partial)
+                trainer = Trainer(cfg, out_dir, parts, resume=resume, init_from=init_from, init_state=init_state,
+                                  progress=progress, init_partial=init_partial)
+                del init_state  # copied into the model; not kept for the whole run
         except TrainingInterrupted as stop:
             log.warning("stopped by %s before training started; nothing was written", stop)
             return {"status": "interrupted", "signal": str(stop), "stopped_in": "setup", "step": 0,

@@ -146,7 +146,7 @@ def _groups(keys: Sequence[str]) -> str:
 
 def load_init_weights(model: nn.Module, path: str | Path,
                       categories: Sequence[CategoryInfo] | None = None,
-                      allow_partial: bool = False) -> dict[str, list[str]]:
+                      allow_partial: bool = False, state: dict[str, Any] | None = None) -> dict[str, list[str]]:
     """Load a checkpoint's weights for fine-tuning; tensors whose shape differs (e.g. a class head for another
     number of classes) are skipped and reported, so the new heads keep their fresh initialisation.
 
@@ -157,9 +157,11 @@ def load_init_weights(model: nn.Module, path: str | Path,
 
     When more than :data:`INIT_FRESH_LIMIT` of the model's tensors would keep their fresh initialisation (most
     often a checkpoint of another architecture), a :class:`~remax.checkpoint.CheckpointError` names the groups
-    that do not fit, unless ``allow_partial`` (``--init-partial``) says this is intended.
+    that do not fit, unless ``allow_partial`` (``--init-partial``) says this is intended. ``state`` is the
+    checkpoint already read from ``path``, if the caller has it (``train`` reads it first for its categories).
     """
-    state = load_checkpoint(path)
+    if state is None:
+        state = load_checkpoint(path)
     source = {k.removeprefix("module."): v for k, v in state["model"].items()}
     own = model.state_dict()
     stored = checkpoint_categories(state)
@@ -217,7 +219,8 @@ class Trainer:
     """Runs one training job into ``run_dir`` (see module docstring)."""
 
     def __init__(self, cfg: Config, run_dir: str | Path, parts: TrainParts, *, resume: bool = False,
-                 init_from: str | Path | None = None, progress: bool = True, init_partial: bool = False) -> None:
+                 init_from: str | Path | None = None, init_state: dict[str, Any] | None = None,
+                 progress: bool = True, init_partial: bool = False) -> None:
         self.cfg = cfg
         self.t = cfg.train
         self.run_dir = Path(run_dir)
@@ -251,7 +254,8 @@ class Trainer:
                              "Raise train.batch_size, lower train.grad_accum_steps, or use train.sync_bn under DDP "
                              "on GPUs")
         if init_from:
-            load_init_weights(self.model, init_from, categories=parts.categories, allow_partial=init_partial)
+            load_init_weights(self.model, init_from, categories=parts.categories, allow_partial=init_partial,
+                              state=init_state)
         self.model.to(self.device)
         if self.sync_bn:
             self.model = dist_utils.to_sync_batchnorm(self.model)

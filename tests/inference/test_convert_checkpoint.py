@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from reference_parity import COCO_SAMPLE, one_thread, reference_outputs, reference_state_dict  # noqa: F401
+from reference_parity import COCO_SAMPLE, reference_outputs, reference_state_dict
 
 from remax.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from remax.cli import main

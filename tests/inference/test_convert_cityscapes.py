@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reference_parity import (ade20k_r50_reference_keys, cityscapes_r50_reference_keys,  # noqa: F401
-                              coco_r50_reference_keys, one_thread, state_dict_from_keys)
+from reference_parity import (ade20k_r50_reference_keys, cityscapes_r50_reference_keys, coco_r50_reference_keys,
+                              state_dict_from_keys)
 
 from remax.checkpoint import checkpoint_config, load_checkpoint
 from remax.cli import main

@@ -12,7 +12,7 @@ import zlib
 
 import pytest
 import torch
-from reference_parity import PRESETS, one_thread, reference_outputs, reference_state_dict  # noqa: F401
+from reference_parity import PRESETS, reference_outputs, reference_state_dict
 
 from remax.config import model_config
 from remax.models import KMaXDeepLab, normalize_image

@@ -11,6 +11,7 @@ import torch
 
 from remax.config import model_config
 from remax.models import build_model
+from remax.models.summary import count_parameters
 from remax.models.axial import AxialAttention2D
 from remax.models.axial_resnet import AxialResNet
 from remax.models.backbones import build_backbone
@@ -23,16 +24,7 @@ CHANNELS = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048, "stem": 128}
 STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32, "stem": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_backbone(**kwargs) -> AxialResNet:
@@ -48,9 +40,9 @@ def _tiny(**kwargs) -> AxialResNet:
 
 def test_parameter_counts_per_component_are_exact() -> None:
     backbone = _meta_backbone(stem_feature="stride2")
-    assert _params(backbone.stem) == STEM
-    assert tuple(_params(s) for s in backbone.stages) == STAGES
-    assert _params(backbone) == BACKBONE == STEM + sum(STAGES)
+    assert count_parameters(backbone.stem) == STEM
+    assert tuple(count_parameters(s) for s in backbone.stages) == STAGES
+    assert count_parameters(backbone) == BACKBONE == STEM + sum(STAGES)
 
 
 def test_block_layout_follows_deeplab2() -> None:
@@ -151,8 +143,8 @@ def test_remax_cityscapes_maxs_is_74m_parameters() -> None:
     with torch.device("meta"):
         model = build_model("remax_cityscapes_maxs", with_training_heads=True)
     parts = (model.backbone, model.pixel_decoder, model.transformer_decoder)
-    assert tuple(_params(p) for p in parts) == (BACKBONE, 21_182_784, 11_712_506)
-    assert _params(model.aux_semantic_head) == 584_979  # the res5 head, training only
-    total = _params(model.drop_training_heads())
+    assert tuple(count_parameters(p) for p in parts) == (BACKBONE, 21_182_784, 11_712_506)
+    assert count_parameters(model.aux_semantic_head) == 584_979  # the res5 head, training only
+    total = count_parameters(model.drop_training_heads())
     assert total == 74_238_714 and abs(total / 74e6 - 1) < 0.03
     assert model.output_stride == 2

@@ -14,6 +14,7 @@ import torch
 from remax.config import PRESET_DATA, get_config, model_config
 from remax.data.synthetic import write_synthetic_dataset
 from remax.models import build_model
+from remax.models.summary import count_parameters
 from remax.models.heads import AuxSemanticDecoder, Res5SemanticHead
 
 CITYSCAPES = ["remax_cityscapes_mnv3s", "remax_cityscapes_mnv3l", "remax_cityscapes_r50", "remax_cityscapes_maxs"]
@@ -34,16 +35,7 @@ COUNTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _all_tensors(out: dict) -> list[torch.Tensor]:
@@ -85,10 +77,10 @@ def test_parameter_counts_are_exact(preset: str) -> None:
     with torch.device("meta"):
         model = build_model(preset, with_training_heads=True)
     backbone, pixel, decoder, total, train = COUNTS[preset]
-    assert _params(model) == train
-    assert (_params(model.backbone), _params(model.pixel_decoder), _params(model.transformer_decoder)) == (
+    assert count_parameters(model) == train
+    assert (count_parameters(model.backbone), count_parameters(model.pixel_decoder), count_parameters(model.transformer_decoder)) == (
         backbone, pixel, decoder)
-    assert _params(model.drop_training_heads()) == total == backbone + pixel + decoder
+    assert count_parameters(model.drop_training_heads()) == total == backbone + pixel + decoder
 
 
 def test_get_config_gives_the_paper_recipes() -> None:

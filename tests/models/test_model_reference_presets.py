@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from remax.config import MODEL_PRESETS, PRESET_DATA, get_config, model_config
 from remax.losses import SetCriterion
 from remax.models import build_model
+from remax.models.summary import count_parameters
 from remax.models.backbones import TimmBackbone
 from remax.models.heads import AuxSemanticDecoder, Res5SemanticHead
 from remax.models.remask import ReMaskOptions
@@ -32,16 +33,7 @@ INFERENCE_PARAMS = {"kmax_cityscapes_r50": 56_390_778, "kmax_cityscapes_convnext
                     "kmax_ade20k_r50": 56_610_703, "kmax_ade20k_convnext_l": 231_867_535}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _meta_model(preset: str, **kwargs) -> torch.nn.Module:
@@ -53,8 +45,8 @@ def _meta_model(preset: str, **kwargs) -> torch.nn.Module:
 def test_parameter_counts_are_exact(preset: str) -> None:
     model = _meta_model(preset, with_training_heads=True)
     parts = (model.backbone, model.pixel_decoder, model.transformer_decoder, model.aux_semantic_head)
-    assert tuple(_params(p) for p in parts) == COUNTS[preset]
-    assert _params(model.drop_training_heads()) == INFERENCE_PARAMS[preset] == sum(COUNTS[preset][:3])
+    assert tuple(count_parameters(p) for p in parts) == COUNTS[preset]
+    assert count_parameters(model.drop_training_heads()) == INFERENCE_PARAMS[preset] == sum(COUNTS[preset][:3])
 
 
 def test_cityscapes_delta_against_coco_is_the_fifth_stage_and_the_wider_query_set() -> None:
@@ -62,8 +54,8 @@ def test_cityscapes_delta_against_coco_is_the_fifth_stage_and_the_wider_query_se
     stage, its fuse, one LayerNorm more, and no projection of the 64-channel stem into the 64-wide fourth stage)
     and −208,542 in the transformer decoder (256 centres, 20-way class heads, a 128-channel final pixel head)."""
     coco, city = _meta_model("kmax_r50"), _meta_model("kmax_cityscapes_r50")
-    assert _params(city.pixel_decoder) - _params(coco.pixel_decoder) == 128 - 16_512 + 19_072 + 16_512
-    assert (_params(city.transformer_decoder) - _params(coco.transformer_decoder)
+    assert count_parameters(city.pixel_decoder) - count_parameters(coco.pixel_decoder) == 128 - 16_512 + 19_072 + 16_512
+    assert (count_parameters(city.transformer_decoder) - count_parameters(coco.transformer_decoder)
             == 256 * 128 - 7 * 257 * (134 - 20) - 27 * 128 - 128 * 256)
     fuses = city.pixel_decoder.fuses
     assert fuses[2].high_proj is None  # stem (64 ch) into the 64-wide fourth stage, as in the reference
