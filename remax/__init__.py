@@ -13,4 +13,12 @@ def build_model(preset: str, **overrides):
     return _build(preset, **overrides)
 
 
-__all__ = ["Config", "build_model", "get_config", "list_presets", "__version__"]
+def from_pretrained(name_or_path, device="cpu", **kwargs):
+    """The bare inference model of a model folder, a Hugging Face Hub id (``org/name``, needs ``remax[hub]``) or a
+    checkpoint file (see :func:`remax.hub.from_pretrained`); safetensors + JSON, no code is executed."""
+    from remax.hub import from_pretrained as _from_pretrained
+
+    return _from_pretrained(name_or_path, device=device, **kwargs)
+
+
+__all__ = ["Config", "build_model", "from_pretrained", "get_config", "list_presets", "__version__"]

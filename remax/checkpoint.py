@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -102,12 +102,15 @@ def _read_reason(exc: BaseException) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; raise :class:`CheckpointError` with the reason otherwise."""
+    """Read a checkpoint with ``weights_only=True``, or a model folder (safetensors + JSON, see
+    :mod:`remax.hub`) into the same dict; raise :class:`CheckpointError` with the reason otherwise."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+        from remax.hub import load_model_folder  # lazy: remax.hub imports this module
+
+        return load_model_folder(path, map_location=map_location)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many kinds for truncated or foreign files
@@ -121,6 +124,17 @@ def checkpoint_config(state: dict[str, Any]) -> Config:
     """The :class:`Config` stored in a checkpoint (defaults if it has none)."""
     raw = state.get("config")
     return Config.from_dict(raw) if raw else Config()
+
+
+def load_with_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], Config]:
+    """A checkpoint (on the CPU) and its config with ``overrides`` applied; a bad stored config is the file's
+    one-line :class:`CheckpointError`, a bad override the caller's ``ValueError``."""
+    state = load_checkpoint(path, map_location="cpu")
+    try:
+        cfg = checkpoint_config(state)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: bad config in checkpoint ({first_line(exc)})") from exc
+    return state, cfg.override(list(overrides))
 
 
 def checkpoint_categories(state: dict[str, Any]) -> list[CategoryInfo]:

@@ -562,9 +562,14 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
         description="Writes OUT/predictions.json + OUT/predictions/NAME.png (COCO panoptic) and "
                     "OUT/overlays/NAME.jpg. Files in a folder that are not readable images are reported and skipped.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files and/or folders of images")
-    p.add_argument("--checkpoint", required=True, help="model checkpoint (.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="model checkpoint (.pt) or model folder")
+    source.add_argument("--onnx", metavar="FILE", help="an ONNX file from `remax export --format onnx`, run by "
+                                                        "ONNX Runtime (needs remax[onnx]; no model code)")
+    source.add_argument("--program", metavar="FILE", help="a torch.export program (.pt2) from `remax export "
+                                                          "--format torch-export`")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (ONNX: the CPU provider)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay pictures")
     p.add_argument("--semantic", action="store_true", help="also write 16-bit semantic maps (category ids)")
@@ -597,11 +602,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
     out_dir = _writable_dir(args.out, "--out folder")  # before loading the model
     try:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, semantic=args.semantic,
-                                              instances=False, overrides=args.overrides)
+        options = dict(semantic=args.semantic, instances=False, overrides=args.overrides)
+        if args.onnx:
+            predictor = Predictor.from_onnx(args.onnx, **options)
+        elif args.program:
+            predictor = Predictor.from_exported(args.program, device=args.device, **options)
+        else:
+            predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, **options)
     except CheckpointError as exc:
         raise CLIError(first_line(exc)) from None
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         raise CLIError(_error_line(exc)) from None
 
     def report(path: Path, reason: str) -> None:
@@ -619,6 +629,74 @@ def _cmd_predict(args: argparse.Namespace) -> int:
           f"results in {summary.json_path}")
     if not summary.written:
         raise CLIError("no image could be read")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remax demo
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", help="a local web page: drop a photo, see its panoptic segmentation (needs remax[demo])",
+        description="Serves a Gradio page for a model: upload or pick an example image, see the overlay "
+                    "(panoptic / semantic / instance view), the segment table and the effect of the class and "
+                    "pixel thresholds. Binds to 127.0.0.1 unless --host says otherwise; Ctrl-C stops it.")
+    p.add_argument("--checkpoint", required=True,
+                   help="model checkpoint (.pt), model folder, or Hugging Face Hub id org/name (needs remax[hub])")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub id")
+    p.add_argument("--cache-dir", default=None, help="hub cache folder (default: the Hugging Face cache)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1, ...")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 serves the network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--share", action="store_true", help="also ask Gradio for a temporary public link (online)")
+    p.add_argument("--examples", default=None, metavar="DIR",
+                   help="folder of example images (default: the COCO and synthetic examples shipped with remax)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from remax._extras import MissingExtraError
+    from remax.checkpoint import CheckpointError, first_line
+
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be between 0 and 65535, got {args.port}")
+    try:
+        from remax.demo import default_examples, launch_demo, require_gradio
+
+        require_gradio()  # before minutes of model loading
+        from remax.hub import resolve_pretrained
+        from remax.inference.predictor import Predictor, list_images
+
+        examples = default_examples()
+        if args.examples:
+            folder = Path(args.examples)
+            if not folder.is_dir():
+                raise CLIError(f"--examples folder not found: {folder}")
+            examples = list_images(folder)
+        path = resolve_pretrained(args.checkpoint, revision=args.revision, cache_dir=args.cache_dir)
+        predictor = Predictor.from_checkpoint(path, device=args.device, overrides=args.overrides)
+    except MissingExtraError as exc:
+        raise CLIError(str(exc)) from None
+    except CheckpointError as exc:
+        raise CLIError(first_line(exc)) from None
+    except ValueError as exc:
+        raise CLIError(_error_line(exc)) from None
+
+    def ready(url: str) -> None:
+        print(f"remax demo: serving {args.checkpoint} on {url} (Ctrl-C to stop)", flush=True)
+
+    try:
+        launch_demo(predictor, examples, source=args.checkpoint, host=args.host, port=args.port,
+                    share=args.share, on_ready=ready)
+    except OSError as exc:  # port taken, address not available
+        raise CLIError(f"cannot serve on {args.host}:{args.port}: {_error_line(exc)}") from None
     return 0
 
 
@@ -669,6 +747,49 @@ def _cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# remax export
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX, a torch.export program or a model folder",
+        description="onnx / torch-export: the eval-form network (no training heads) at the checkpoint's input "
+                    "size; input 'images' = the normalised zero-padded B×3×H×W batch, outputs 'pred_logits' and "
+                    "'pred_masks'; config, categories and the pre-processing contract are stored in the file, "
+                    "and its outputs are checked against the eager network (see docs/deployment.md). folder: "
+                    "model.safetensors + config.json + categories.json for Predictor.from_pretrained.")
+    p.add_argument("--checkpoint", required=True, help="remax checkpoint (.pt) or model folder")
+    p.add_argument("--format", required=True, choices=["onnx", "torch-export", "folder"])
+    p.add_argument("--out", required=True, metavar="PATH", help="file (.onnx / .pt2) or folder to write")
+    p.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size (default: 1)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against the eager network")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the stored config, e.g. eval.thing_threshold=0.5 (repeatable)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from remax.checkpoint import CheckpointError, first_line
+    from remax.export import ExportError, export_checkpoint
+
+    try:
+        report = export_checkpoint(args.checkpoint, args.format, args.out, dynamic_batch=args.dynamic_batch,
+                                   check=not args.no_check, overrides=args.overrides)
+    except CheckpointError as exc:
+        raise CLIError(first_line(exc)) from None
+    except (ExportError, OSError, ValueError, ImportError) as exc:
+        raise CLIError(_error_line(exc)) from None
+    size = "×".join(str(v) for v in report.input_size)
+    batch = "dynamic batch" if report.dynamic_batch else "batch 1"
+    print(f"exported {args.checkpoint} -> {report.path} ({report.format}, input {size}, {batch}, "
+          f"{report.seconds:.1f} s)")
+    if report.checked:
+        print("parity vs eager: " + ", ".join(f"{k} max |diff| {v:.2e}" for k, v in report.max_abs_diff.items()))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # remax bench
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -678,7 +799,8 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                        description="Median / p90 latency, images/s and peak memory of a preset, for the network "
                                    "alone and end to end (resize + normalise + pad + network + upsample + "
                                    "panoptic post-processing from uint8 images), optionally beside a peer model "
-                                   "measured in the same process under the same protocol. Weights are random.")
+                                   "measured in the same process under the same protocol. Weights are random "
+                                   "unless --checkpoint is given.")
     p.add_argument("--preset", default="remax_t", help="model preset (default: remax_t)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
@@ -695,6 +817,17 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                         "remax ÷ peer images/s ratio")
     p.add_argument("--train", action="store_true",
                    help="also measure a training step (forward + loss + backward + optimiser step)")
+    p.add_argument("--checkpoint", default=None, help="time these trained weights (checkpoint or model folder) "
+                                                       "instead of random ones; --preset names the row")
+    p.add_argument("--runtime", default=None, choices=["onnxruntime"],
+                   help="also export the network to ONNX and time it in ONNX Runtime (CPU) beside eager")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="use the first --batch pictures of DIR, resized to --size, instead of synthetic blocks")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. eval.stuff_threshold=0.3 (repeatable; stated in the protocol)")
+    p.add_argument("--merge-load", default="none", choices=["none", "trained"],
+                   help="random weights only: shape the outputs like a trained model's so the end-to-end stage "
+                        "includes a realistic merge (see docs/benchmarks.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_path", default=None, metavar="FILE", help="also write the result as JSON")
     p.set_defaults(func=_cmd_bench)
@@ -707,7 +840,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(preset=args.preset, device=args.device, precision=args.precision,
                              compile=args.compile, channels_last=args.channels_last, batch=args.batch,
                              size=args.size, warmup=args.warmup, iters=args.iters, threads=args.threads,
-                             peer=args.peer, train=args.train, seed=args.seed)
+                             peer=args.peer, train=args.train, seed=args.seed, checkpoint=args.checkpoint,
+                             runtime=args.runtime, images=args.images, merge_load=args.merge_load,
+                             overrides=tuple(args.overrides))
 
     def show_protocol(protocol: Protocol) -> None:
         print(format_protocol(protocol), flush=True)
@@ -738,8 +873,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_eval_parser(sub)
     _add_predict_parser(sub)
+    _add_demo_parser(sub)
     _add_bench_parser(sub)
     _add_convert_checkpoint_parser(sub)
+    _add_export_parser(sub)
     _add_data_parser(sub)
     _add_models_parser(sub)
     _add_config_parser(sub)

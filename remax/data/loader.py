@@ -72,7 +72,7 @@ def collate_panoptic(batch: Sequence[dict[str, Any]], input_size: tuple[int, int
 
 
 def _model_normalize() -> Callable[[torch.Tensor], torch.Tensor]:
-    from remax.models import normalize_image
+    from remax.preprocessing import normalize_image
 
     return normalize_image
 

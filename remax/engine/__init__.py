@@ -57,7 +57,8 @@ def build_parts(cfg: Config, progress: bool = True,
     from remax.data.loader import build_dataset, collate_panoptic
     from remax.data.coco_panoptic import paths_from_config
     from remax.losses.criterion import SetCriterion
-    from remax.models import ReMaskOptions, build_model, normalize_image
+    from remax.models import ReMaskOptions, build_model
+    from remax.preprocessing import normalize_image
 
     if cfg.data.name == "synthetic":
         from remax.data.synthetic import ensure_synthetic_dataset

@@ -69,6 +69,21 @@ class BenchSettings:
     peer: str | None = None  # "mask2former-r50"
     train: bool = False
     seed: int = 0
+    checkpoint: str | None = None  # real weights (a remax checkpoint or model folder) instead of random ones
+    runtime: str | None = None  # "onnxruntime": also measure the exported network in ONNX Runtime
+    images: str | None = None  # a folder of pictures to use (resized to size×size) instead of synthetic blocks
+    merge_load: str = "none"  # "trained": random-weight outputs shaped like a trained model's (see below)
+    overrides: tuple[str, ...] = ()  # config assignments, e.g. ("eval.stuff_threshold=0.3",)
+
+
+RUNTIMES = ("onnxruntime",)
+MERGE_LOADS = ("none", "trained")
+# "trained" merge load (random weights only), so that the end-to-end stage does the post-processing work of a
+# trained model on a COCO photo: as many confident queries as the first COCO sample photo has ground-truth segments
+# (18; the second has 32), and mask logits with the spread measured on the trained nano fixture over the synthetic
+# validation images (std 1.16; docs/benchmarks.md).
+TRAINED_CONFIDENT_QUERIES = 18
+TRAINED_MASK_LOGIT_STD = 1.2
 
 
 @dataclass
@@ -93,6 +108,8 @@ class Protocol:
     memory_method: str
     date: str
     weights: str = "random initialisation (speed does not depend on the weight values)"
+    images: str = "synthetic blocks of colour"
+    merge_load: str = "none"
 
 
 @dataclass
@@ -108,6 +125,7 @@ class Measurement:
     peak_memory_total_mb: float  # absolute peak (CUDA: allocated by torch; CPU: process RSS)
     compiled: bool = False
     segments_per_image: float | None = None  # end to end: kept panoptic segments (random weights keep few)
+    runtime: str = "eager"  # eager | onnxruntime
 
     @property
     def median_ms(self) -> float:
@@ -136,6 +154,7 @@ class BenchResult:
     measurements: list[Measurement] = field(default_factory=list)
     peer: str | None = None
     ratios: dict[str, float] = field(default_factory=dict)  # stage -> remax images/s ÷ peer images/s
+    runtime_ratios: dict[str, float] = field(default_factory=dict)  # stage -> ONNX Runtime ÷ eager images/s
     params_m: dict[str, float] = field(default_factory=dict)  # subject -> parameters (millions), inference nets
 
     def get(self, subject: str, stage: str) -> Measurement | None:
@@ -152,6 +171,7 @@ class BenchResult:
             "params_m": dict(self.params_m),
             "measurements": [m.to_dict() for m in self.measurements],
             "ratios": dict(self.ratios),
+            "runtime_ratios": dict(self.runtime_ratios),
         }
 
 
@@ -291,7 +311,7 @@ class MemoryProbe:
 
 def time_stage(fn: Callable[[], Any], *, subject: str, stage: str, batch: int, warmup: int, iters: int,
                device: torch.device, compiled: bool = False,
-               count_segments: Callable[[Any], float] | None = None) -> Measurement:
+               count_segments: Callable[[Any], float] | None = None, runtime: str = "eager") -> Measurement:
     """Time ``fn``: one first call (timed alone), ``warmup`` untimed calls, then ``iters`` timed calls.
 
     CUDA is synchronised before and after every timed call, so a latency covers all queued kernels. The memory
@@ -323,7 +343,7 @@ def time_stage(fn: Callable[[], Any], *, subject: str, stage: str, batch: int, w
     delta, total = probe.stop()
     m = Measurement(subject=subject, stage=stage, batch=batch, latencies_ms=latencies, first_call_s=first,
                     peak_memory_mb=delta, peak_memory_total_mb=total, compiled=compiled,
-                    segments_per_image=segments)
+                    segments_per_image=segments, runtime=runtime)
     log.info("%s %s: median %.2f ms, p90 %.2f ms, %.2f images/s, peak +%.0f MiB (first call %.2f s)", subject,
              stage, m.median_ms, m.p90_ms, m.images_per_s, m.peak_memory_mb, m.first_call_s)
     return m
@@ -403,18 +423,105 @@ def _coco_like_categories(num_classes: int) -> list[Any]:
     return [CategoryInfo(id=i + 1, name=f"class_{i}", isthing=bool(is_thing[i])) for i in range(num_classes)]
 
 
+def _load_subject(s: BenchSettings, input_side: int) -> tuple[nn.Module, Any, list[Any]]:
+    """The inference network, config and categories: from ``s.checkpoint`` (real weights) or the preset."""
+    if s.checkpoint is None:
+        model, cfg = _build_remax(s.preset, input_side, with_training_heads=False)
+        try:
+            cfg = cfg.override(list(s.overrides))
+        except ValueError as exc:
+            raise BenchError(str(exc)) from None
+        return model, cfg, _coco_like_categories(cfg.model.num_classes)
+    from remax.checkpoint import CheckpointError
+    from remax.export import ExportError, load_for_export
+
+    try:
+        # Convolutional weights run at any input size; the benchmark's size replaces the checkpoint's.
+        return load_for_export(s.checkpoint, [f"model.input_size=[{input_side},{input_side}]", *s.overrides])
+    except (CheckpointError, ExportError, ValueError) as exc:
+        raise BenchError(str(exc).splitlines()[0]) from None
+
+
+def bench_images(s: BenchSettings, image_size: int) -> list[torch.Tensor]:
+    """``s.batch`` uint8 ``H×W×3`` images: the first pictures of ``s.images`` resized (PIL bilinear) to the
+    stated size, or synthetic blocks of colour."""
+    if s.images is None:
+        return synthetic_images(s.batch, image_size, s.seed)
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from remax.inference.predictor import list_images, load_image
+
+    folder = Path(s.images)
+    if not folder.is_dir():
+        raise BenchError(f"--images {folder}: not a folder")
+    files = list_images(folder)
+    if not files:
+        raise BenchError(f"--images {folder}: no files")
+    out = []
+    for i in range(s.batch):
+        img = load_image(files[i % len(files)]).permute(1, 2, 0).numpy()
+        pic = Image.fromarray(img).resize((image_size, image_size), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(pic).copy()))
+    return out
+
+
+class TrainedShapeOutputs(nn.Module):
+    """Random-weight outputs reshaped so post-processing works as hard as after training (``merge_load="trained"``).
+
+    Random class heads are unsure of every class, so no query passes the thresholds and the merge does nothing.
+    Here ``TRAINED_CONFIDENT_QUERIES`` queries get a confident class (things and stuff alternately), the mask
+    logits are rescaled to ``TRAINED_MASK_LOGIT_STD`` and each confident query is raised by 4 on its own tile of
+    a grid, so that it owns a region as a trained query does and the merge pastes that many segments. The
+    network itself is unchanged and still timed in full.
+    """
+
+    def __init__(self, model: nn.Module, is_thing: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        things = is_thing.nonzero().squeeze(1)
+        stuff = (~is_thing).nonzero().squeeze(1)
+        pool = [int(things[i // 2 % max(len(things), 1)]) if i % 2 == 0 or len(stuff) == 0
+                else int(stuff[i // 2 % len(stuff)]) for i in range(TRAINED_CONFIDENT_QUERIES)]
+        self.register_buffer("classes", torch.tensor(pool, dtype=torch.int64), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = dict(self.model(images))
+        logits = out["pred_logits"].clone()
+        k = min(len(self.classes), logits.shape[1])
+        logits[:, :k] = -10.0
+        logits[:, torch.arange(k), self.classes[:k]] = 10.0
+        masks = out["pred_masks"]
+        std = masks.float().std().clamp(min=1e-6)
+        masks = masks * (TRAINED_MASK_LOGIT_STD / std).to(masks.dtype)
+        h, w = masks.shape[-2:]
+        cols = max(1, math.ceil(math.sqrt(k * w / max(h, 1))))
+        rows = max(1, math.ceil(k / cols))
+        for i in range(k):
+            r, c = divmod(i, cols)
+            masks[:, i, r * h // rows:(r + 1) * h // rows, c * w // cols:(c + 1) * w // cols] += 4.0
+        out["pred_logits"] = logits
+        out["pred_masks"] = masks
+        return out
+
+
 def _bench_remax(s: BenchSettings, device: torch.device, image_size: int, input_side: int,
                  result: BenchResult) -> None:
-    from remax.inference.predictor import Predictor, preprocess
+    from remax.inference.predictor import Predictor
+    from remax.preprocessing import preprocess
 
-    model, cfg = _build_remax(s.preset, input_side, with_training_heads=False)
+    model, cfg, categories = _load_subject(s, input_side)
     model = model.to(device).eval()
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     result.params_m[s.preset] = _count_params_m(model)
     net = _maybe_compile(model, s.compile)
+    if s.merge_load == "trained":
+        net = TrainedShapeOutputs(net, torch.tensor([c.isthing for c in categories])).to(device)
 
-    chw = [img.permute(2, 0, 1).contiguous() for img in synthetic_images(s.batch, image_size, s.seed)]
+    chw = [img.permute(2, 0, 1).contiguous() for img in bench_images(s, image_size)]
     with torch.inference_mode():  # an inference tensor, as the Predictor makes: no recompile under --compile
         x, _ = preprocess(chw, (input_side, input_side))
         x = x.to(device)
@@ -429,8 +536,7 @@ def _bench_remax(s: BenchSettings, device: torch.device, image_size: int, input_
                                           warmup=s.warmup, iters=s.iters, device=device, compiled=s.compile))
 
     # Panoptic output only, as the peer's post_process_panoptic_segmentation gives.
-    predictor = Predictor(net, cfg, _coco_like_categories(cfg.model.num_classes), device=device, semantic=False,
-                          instances=False)
+    predictor = Predictor(net, cfg, categories, device=device, semantic=False, instances=False)
 
     def end_to_end() -> Any:
         with _autocast(device, s.precision):
@@ -442,11 +548,53 @@ def _bench_remax(s: BenchSettings, device: torch.device, image_size: int, input_
     result.measurements.append(time_stage(end_to_end, subject=s.preset, stage="end_to_end", batch=s.batch,
                                           warmup=s.warmup, iters=s.iters, device=device, compiled=s.compile,
                                           count_segments=count))
-    del predictor, net, model, x
+    del predictor, net
+    _release_freed_memory()
+    if s.runtime == "onnxruntime":
+        _bench_onnxruntime(s, model, cfg, categories, chw, x, result)
+    del model, x
     _release_freed_memory()
 
     if s.train:
         result.measurements.append(_bench_remax_train(s, device, input_side))
+
+
+def _bench_onnxruntime(s: BenchSettings, model: nn.Module, cfg: Any, categories: list[Any],
+                       chw: list[torch.Tensor], x: torch.Tensor, result: BenchResult) -> None:
+    """The same network exported to ONNX (remax.export, parity-checked) and run by ONNX Runtime on the CPU."""
+    import tempfile
+    from pathlib import Path
+
+    from remax.export import ExportError, export_onnx
+    from remax.inference.predictor import Predictor
+    from remax.inference.runtime import OnnxRuntimeModel
+
+    if s.precision != "fp32" or s.compile or s.merge_load != "none":
+        raise BenchError("--runtime onnxruntime measures the fp32 network without --compile or --merge-load")
+    subject = f"{s.preset}[onnxruntime]"
+    with tempfile.TemporaryDirectory(prefix="remax-bench-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            report = export_onnx(model.cpu(), cfg, categories, path, dynamic_batch=s.batch > 1, check=True,
+                                 source=s.checkpoint or "random weights")
+        except (ExportError, ImportError) as exc:
+            raise BenchError(str(exc)) from None
+        log.info("exported to ONNX in %.1f s (parity %s)", report.seconds, report.max_abs_diff)
+        runtime = OnnxRuntimeModel(path)
+        xc = x.cpu()
+        result.measurements.append(time_stage(lambda: runtime(xc), subject=subject, stage="model", batch=s.batch,
+                                              warmup=s.warmup, iters=s.iters, device=torch.device("cpu"),
+                                              runtime="onnxruntime"))
+        predictor = Predictor(runtime, cfg, categories, device="cpu", semantic=False, instances=False)
+
+        def count(preds: Any) -> float:
+            return sum(len(p.segments_info) for p in preds) / max(len(preds), 1)
+
+        result.measurements.append(time_stage(lambda: predictor.predict_tensors(chw), subject=subject,
+                                              stage="end_to_end", batch=s.batch, warmup=s.warmup, iters=s.iters,
+                                              device=torch.device("cpu"), count_segments=count,
+                                              runtime="onnxruntime"))
+        del predictor, runtime
 
 
 def _bench_remax_train(s: BenchSettings, device: torch.device, input_side: int) -> Measurement:
@@ -540,7 +688,7 @@ def _bench_peer(s: BenchSettings, device: torch.device, image_size: int, result:
     net = _maybe_compile(model, s.compile)
     stuff_ids = set(range(_COCO_THINGS, num_labels))
 
-    images = synthetic_images(s.batch, image_size, s.seed)
+    images = bench_images(s, image_size)  # the pictures remax got
     chw = [img.permute(2, 0, 1).contiguous() for img in images]
     with torch.inference_mode():
         pixel_values = processor(images=chw, return_tensors="pt")["pixel_values"].to(device)
@@ -621,6 +769,13 @@ def make_protocol(s: BenchSettings, device: torch.device, image_size: int, input
                           "network + upsample + un-pad + panoptic post-processing (remax: Predictor; peer: "
                           "Mask2FormerImageProcessor + post_process_panoptic_segmentation)"),
         memory_method=MemoryProbe(device).method,
+        weights=(f"trained: {s.checkpoint}" if s.checkpoint else
+                 "random initialisation (speed does not depend on the weight values)"),
+        images=(f"{s.images} (first {s.batch}, resized to {image_size}×{image_size})" if s.images
+                else "synthetic blocks of colour"),
+        merge_load=("trained-shape outputs: %d confident queries owning a grid tile each, mask logits at std %.1f"
+                    % (TRAINED_CONFIDENT_QUERIES, TRAINED_MASK_LOGIT_STD) if s.merge_load == "trained"
+                    else "the network's own outputs") + (f"; config {', '.join(s.overrides)}" if s.overrides else ""),
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
 
@@ -638,6 +793,14 @@ def run_benchmark(settings: BenchSettings,
         raise BenchError(f"--batch must be at least 1, got {s.batch}")
     if s.peer is not None and s.peer not in PEERS:
         raise BenchError(f"unknown peer {s.peer!r}; choose from {', '.join(PEERS)}")
+    if s.runtime is not None and s.runtime not in RUNTIMES:
+        raise BenchError(f"unknown runtime {s.runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if s.runtime == "onnxruntime" and s.device != "cpu":
+        raise BenchError("--runtime onnxruntime is measured on the CPU (the CPU build of onnxruntime)")
+    if s.merge_load not in MERGE_LOADS:
+        raise BenchError(f"--merge-load must be one of {', '.join(MERGE_LOADS)}, got {s.merge_load!r}")
+    if s.merge_load == "trained" and s.checkpoint is not None:
+        raise BenchError("--merge-load trained is for random weights; a --checkpoint gives the real load")
     from remax.config import model_config
 
     try:
@@ -661,6 +824,10 @@ def run_benchmark(settings: BenchSettings,
                 ours, theirs = result.get(s.preset, stage), result.get(s.peer, stage)
                 if ours is not None and theirs is not None:
                     result.ratios[stage] = ours.images_per_s / theirs.images_per_s
+        for stage in ("model", "end_to_end"):
+            eager, ort = result.get(s.preset, stage), result.get(f"{s.preset}[onnxruntime]", stage)
+            if eager is not None and ort is not None:
+                result.runtime_ratios[stage] = ort.images_per_s / eager.images_per_s
     return result
 
 
@@ -683,6 +850,8 @@ def format_protocol(p: Protocol) -> str:
         ("post-processing included", "end to end: yes; model: no"),
         ("peak memory", p.memory_method),
         ("weights", p.weights),
+        ("images", p.images),
+        ("merge load", p.merge_load),
         ("date", p.date),
     ]
     width = max(len(k) for k, _ in rows)
@@ -691,21 +860,26 @@ def format_protocol(p: Protocol) -> str:
 
 def format_result(r: BenchResult, with_protocol: bool = True) -> str:
     """The protocol block (optional), a table of every measurement, and the remax ÷ peer ratios."""
-    header = (f"{'subject':<18} {'stage':<11} {'batch':>5} {'median ms':>10} {'p90 ms':>10} {'images/s':>9} "
+    header = (f"{'subject':<22} {'stage':<11} {'batch':>5} {'median ms':>10} {'p90 ms':>10} {'images/s':>9} "
               f"{'peak +MiB':>9} {'peak MiB':>9} {'first s':>8} {'segs':>5}")
     lines = [format_protocol(r.protocol), ""] if with_protocol else []
     lines += [header, "-" * len(header)]
     for m in r.measurements:
         segs = "" if m.segments_per_image is None else f"{m.segments_per_image:.1f}"
-        lines.append(f"{m.subject:<18} {m.stage:<11} {m.batch:>5} {m.median_ms:>10.2f} {m.p90_ms:>10.2f} "
+        lines.append(f"{m.subject:<22} {m.stage:<11} {m.batch:>5} {m.median_ms:>10.2f} {m.p90_ms:>10.2f} "
                      f"{m.images_per_s:>9.2f} {m.peak_memory_mb:>9.0f} {m.peak_memory_total_mb:>9.0f} "
                      f"{m.first_call_s:>8.2f} {segs:>5}")
     lines.append("peak +MiB: above the level before the stage; peak MiB: absolute (see protocol); first s: the "
-                 "first call, timed alone; segs: panoptic segments kept per image (random weights keep few)")
+                 "first call, timed alone; segs: panoptic segments kept per image (random weights keep few unless "
+                 "--merge-load trained)")
     if r.params_m:
         lines.append("")
         lines.append("parameters (inference network): " +
                      ", ".join(f"{k} {v:.2f} M" for k, v in r.params_m.items()))
+    if r.runtime_ratios:
+        lines.append("")
+        lines.append(f"ratio {r.preset} ONNX Runtime ÷ eager (images/s): " +
+                     ", ".join(f"{stage} {ratio:.2f}×" for stage, ratio in r.runtime_ratios.items()))
     if r.ratios:
         lines.append("")
         lines.append(f"ratio {r.preset} ÷ {r.peer} (images/s): " +

@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from remax.checkpoint import CheckpointError, checkpoint_categories, checkpoint_config, load_checkpoint
+from remax.checkpoint import CheckpointError, checkpoint_categories, load_with_config
 from remax.config import Config
+from remax.preprocessing import (check_protocol, preprocess, reference_crop, reference_resized_shape,  # noqa: F401
+                                 resize_uint8_pil, resized_shape)
 from remax.structures import CategoryInfo
 
-from .postprocess import (InstancePrediction, check_protocol, instance_postprocess, panoptic_postprocess,
-                          semantic_postprocess)
+from .mask_probabilities import CHUNK_QUERIES, BufferedUpsample, lowres_support, pruning_plan, query_probabilities
+from .postprocess import (InstancePrediction, class_scores, instance_from_probabilities, panoptic_postprocess_lowres,
+                          semantic_from_probabilities)
 
 log = logging.getLogger(__name__)
 
@@ -112,96 +115,6 @@ def _array_to_tensor(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.contiguous()
 
 
-def resized_shape(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    """Size after scaling so the image fits ``input_size`` with its longer side on it (aspect kept).
-
-    A ``k·32+1`` input side is filled up to ``k·32`` and padded by one pixel: the stride-4 mask grid then falls on
-    every 4th image pixel exactly, at the scale the training transform uses (``data.resize_longer_side``).
-    Stretching to ``k·32+1`` instead would shift the grid against the pixels by up to one pixel across the image.
-    """
-    fit = tuple(s - 1 if s % 2 == 1 and s > 1 else s for s in input_size)
-    scale = min(fit[0] / height, fit[1] / width)
-    h = min(fit[0], max(1, round(height * scale)))
-    w = min(fit[1], max(1, round(width * scale)))
-    if height <= input_size[0] and width <= input_size[1] and abs(h - height) <= 1 and abs(w - width) <= 1:
-        # Within a pixel of the fit (640 in 641, Cityscapes 1024×2048 in 1025×2049): padded, never stretched.
-        return height, width
-    return h, w
-
-
-def reference_resized_shape(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    """Size the reference gives an image at test time: detectron2's ``ResizeShortestEdge`` with the shorter input
-    side as the short edge and the longer one as the limit (1281/1281 for COCO, 1025/2049 for Cityscapes).
-
-    Every image is resized, small ones upwards, so the longer side lands on the full input side (128 -> 129, not
-    our 128 + 1 pixel of padding). Sides are rounded half up (``int(x + 0.5)``). An image the reference would run
-    beyond the fixed input (a portrait photo in the 1025×2049 Cityscapes input) is scaled to fit instead, the
-    only way a fixed-size batch can hold it.
-    """
-    short, longest = min(input_size), max(input_size)
-    scale = short / min(height, width)
-    new_h, new_w = (short, scale * width) if height < width else (scale * height, short)
-    if max(new_h, new_w) > longest:
-        shrink = longest / max(new_h, new_w)
-        new_h, new_w = new_h * shrink, new_w * shrink
-    h, w = int(new_h + 0.5), int(new_w + 0.5)
-    if h > input_size[0] or w > input_size[1]:
-        fit = min(input_size[0] / height, input_size[1] / width)
-        h = min(input_size[0], max(1, int(height * fit + 0.5)))
-        w = min(input_size[1], max(1, int(width * fit + 0.5)))
-    return max(1, h), max(1, w)
-
-
-def reference_crop(height: int, width: int, input_size: tuple[int, int]) -> tuple[int, int]:
-    """Region of the padded logits the reference keeps for an ``height×width`` image: each side times
-    ``max(input) / max(height, width)``, rounded with Python's ``round`` (half to even).
-
-    This is not always the resized size: a 1024×2048 Cityscapes image is resized to 1025×2049 but 1024 rows are
-    kept (``round(1024.5) == 1024``). Reproduced as it is, since it shifts the masks by a fraction of a pixel.
-    """
-    scale = max(input_size) / max(height, width)
-    return (min(input_size[0], max(1, round(height * scale))), min(input_size[1], max(1, round(width * scale))))
-
-
-def resize_uint8_pil(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 ``3×H×W`` -> uint8 ``3×h×w`` with PIL's bilinear filter, as detectron2's ``ResizeTransform`` does.
-
-    PIL widens its filter when shrinking (an antialiased resize) and rounds to uint8, so the result differs from
-    a float ``F.interpolate`` by up to a few grey levels; the reference protocol uses this to match its inputs.
-    """
-    arr = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())
-    resized = Image.fromarray(arr).resize((int(size[1]), int(size[0])), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1).contiguous()
-
-
-def preprocess(images: Sequence[torch.Tensor], input_size: tuple[int, int],
-               protocol: str = "remax") -> tuple[torch.Tensor, list]:
-    """uint8 ``3×H×W`` images -> normalised, zero-padded ``B×3×H_in×W_in`` batch and each image's resized size.
-
-    ``protocol="reference"`` resizes as the reference does (:func:`reference_resized_shape`, PIL bilinear on
-    uint8); the default fits the longer side into the input with a float antialiased resize.
-    """
-    from remax.models import normalize_image
-
-    reference = check_protocol(protocol) == "reference"
-    batch = torch.zeros(len(images), 3, *input_size)
-    sizes = []
-    for i, img in enumerate(images):
-        if reference:
-            h, w = reference_resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
-            x = img if (h, w) == tuple(img.shape[1:]) else resize_uint8_pil(img, (h, w))
-            x = x.unsqueeze(0).float()
-        else:
-            h, w = resized_shape(int(img.shape[1]), int(img.shape[2]), input_size)
-            x = img.unsqueeze(0).float()
-            if (h, w) != tuple(img.shape[1:]):
-                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-                x = x.clamp(0, 255)
-        batch[i, :, :h, :w] = normalize_image(x)[0]
-        sizes.append((h, w))
-    return batch, sizes
-
-
 def mask_logits_to_image(mask_logits: torch.Tensor, input_size: tuple[int, int], valid: tuple[int, int],
                          original: tuple[int, int], protocol: str = "remax") -> torch.Tensor:
     """Stride-4 mask logits ``N×h×w`` of one padded input -> ``N×H×W`` at the original image size.
@@ -210,16 +123,21 @@ def mask_logits_to_image(mask_logits: torch.Tensor, input_size: tuple[int, int],
     resize back to the image then uses ``align_corners=False`` by default (pixel centres of the crop and the
     image coincide) and, under ``protocol="reference"``, the reference's ``align_corners`` for an odd input width.
     """
-    reference = check_protocol(protocol) == "reference"
-    if reference:
-        align = input_size[1] % 2 == 1  # the reference looks at the padded width only
-    else:
-        align = input_size[0] % 2 == 1 and input_size[1] % 2 == 1  # Python constant: traceable, as the notes ask
-    x = F.interpolate(mask_logits.unsqueeze(0).float(), size=input_size, mode="bilinear", align_corners=align)
+    first, second = resize_alignment(input_size, protocol)
+    x = F.interpolate(mask_logits.unsqueeze(0).float(), size=input_size, mode="bilinear", align_corners=first)
     x = x[:, :, : valid[0], : valid[1]]
     if tuple(valid) != tuple(original):
-        x = F.interpolate(x, size=original, mode="bilinear", align_corners=align if reference else False)
+        x = F.interpolate(x, size=original, mode="bilinear", align_corners=second)
     return x[0]
+
+
+def resize_alignment(input_size: tuple[int, int], protocol: str = "remax") -> tuple[bool, bool]:
+    """``align_corners`` of the two mask resizes of :func:`mask_logits_to_image` (to the padded input, then from
+    the crop to the image)."""
+    if check_protocol(protocol) == "reference":
+        align = input_size[1] % 2 == 1  # the reference looks at the padded width only
+        return align, align
+    return input_size[0] % 2 == 1 and input_size[1] % 2 == 1, False  # Python constants: traceable
 
 
 class Predictor:
@@ -237,6 +155,7 @@ class Predictor:
         self.device = resolve_device(device)
         if cfg.eval.keep_remask:
             _keep_remask(model, cfg)
+        # An nn.Module, or an exported network (remax.inference.runtime) with the same call and outputs.
         self.model = model.to(self.device).eval()
         self.cfg = cfg
         self.categories = list(categories)
@@ -260,12 +179,7 @@ class Predictor:
 
         Raises :class:`~remax.checkpoint.CheckpointError` for missing, unreadable or mismatching checkpoints.
         """
-        state = load_checkpoint(path, map_location="cpu")
-        try:
-            cfg = checkpoint_config(state)
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: bad config in checkpoint ({exc})") from exc
-        cfg = cfg.override(list(overrides))  # a bad assignment is the caller's ValueError, not the file's
+        state, cfg = load_with_config(path, overrides)
         categories = checkpoint_categories(state)
         if not categories:
             log.warning("%s holds no categories; using generic names with every class a thing", path)
@@ -276,6 +190,47 @@ class Predictor:
                                   f"{cfg.model.num_classes} classes")
         model = load_model_from_state(state, cfg, where=str(path))
         return cls(model, cfg, categories, device=device, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+                        overrides: Sequence[str] = (), revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> "Predictor":
+        """A Predictor from a model folder (``remax export --format folder``) or a Hugging Face Hub id
+        (``org/name``, downloaded through ``huggingface_hub``; safetensors + JSON, no code is executed)."""
+        from remax.hub import resolve_pretrained
+
+        path = resolve_pretrained(name_or_path, revision=revision, cache_dir=cache_dir)
+        return cls.from_checkpoint(path, device=device, overrides=overrides, **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | os.PathLike, providers: Sequence[str] | None = None,
+                  overrides: Sequence[str] = (), **kwargs: Any) -> "Predictor":
+        """A Predictor over an ONNX file from ``remax export --format onnx``, run by ONNX Runtime: the same pre-
+        and post-processing as the eager model, no model code. ``overrides`` change post-processing settings."""
+        from remax.inference.runtime import OnnxRuntimeModel
+
+        runtime = OnnxRuntimeModel(path, providers=providers)
+        return cls._from_runtime(runtime, path, overrides, **kwargs)
+
+    @classmethod
+    def from_exported(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                      overrides: Sequence[str] = (), **kwargs: Any) -> "Predictor":
+        """A Predictor over a ``torch.export`` program from ``remax export --format torch-export``."""
+        from remax.inference.runtime import ExportedProgramModel
+
+        runtime = ExportedProgramModel(path, device=resolve_device(device))
+        return cls._from_runtime(runtime, path, overrides, device=device, **kwargs)
+
+    @classmethod
+    def _from_runtime(cls, runtime: Any, path: str | os.PathLike, overrides: Sequence[str],
+                      **kwargs: Any) -> "Predictor":
+        from remax.export import parse_metadata
+
+        cfg, categories = parse_metadata(runtime.metadata, str(path))
+        cfg = cfg.override(list(overrides))
+        if cfg.eval.keep_remask:
+            raise ValueError("eval.keep_remask needs the training heads, which an exported network does not have")
+        return cls(runtime, cfg, categories, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
 
@@ -308,15 +263,37 @@ class Predictor:
         if not images:
             return []
         outputs, sizes = self.forward_batch(images)
-        return [self.postprocess_one(outputs["pred_logits"][i], outputs["pred_masks"][i], sizes[i],
-                                     (int(img.shape[1]), int(img.shape[2]))) for i, img in enumerate(images)]
+        return self.postprocess_batch(outputs["pred_logits"], outputs["pred_masks"], sizes,
+                                      [(int(img.shape[1]), int(img.shape[2])) for img in images])
+
+    def postprocess_batch(self, class_logits: torch.Tensor, mask_logits: torch.Tensor,
+                          valid: Sequence[tuple[int, int]],
+                          original: Sequence[tuple[int, int]]) -> list[PredictionResult]:
+        """Post-process a batch of raw outputs (``B×N×(K+1)``, ``B×N×h×w``) on their device.
+
+        The query pruning of every image is one batched computation over the low-resolution logits (bounded
+        over the largest crop of the batch, which only keeps more queries); the merges then run per image.
+        """
+        lowres = mask_logits.float()
+        rows = cols = 0
+        for v in valid if self.protocol != "reference" else [reference_crop(o[0], o[1], self.input_size)
+                                                              for o in original]:
+            r, c = lowres_support(v, self.input_size, tuple(lowres.shape[-2:]))
+            rows, cols = max(rows, r), max(cols, c)
+        active, gap = pruning_plan(lowres, rows=rows, cols=cols)  # B×N, float
+        return [self.postprocess_one(class_logits[i], lowres[i], valid[i], original[i],
+                                     active=active[i].nonzero().squeeze(1), shift_gap=gap)
+                for i in range(len(valid))]
 
     def postprocess_one(self, class_logits: torch.Tensor, mask_logits: torch.Tensor, valid: tuple[int, int],
-                        original: tuple[int, int]) -> PredictionResult:
-        """Resize one image's mask logits to its original size and run the merges (kmax-reference §4).
+                        original: tuple[int, int], active: torch.Tensor | None = None,
+                        shift_gap: float | None = None) -> PredictionResult:
+        """Merge one image's stride-4 mask logits at its original size (kmax-reference §4).
 
-        The reference protocol crops the reference's region (:func:`reference_crop`) and always merges at the
-        original size, as the reference does, however large the image.
+        Only the queries that can be kept are upsampled (:func:`panoptic_postprocess_lowres`); the result is that
+        of resizing all of them and merging (:func:`panoptic_postprocess`). The reference protocol crops the
+        reference's region (:func:`reference_crop`) and always merges at the original size, as the reference
+        does, however large the image.
         """
         if self.protocol == "reference":
             valid = reference_crop(original[0], original[1], self.input_size)
@@ -324,10 +301,23 @@ class Predictor:
         else:
             large = (original[0] * original[1] > self.max_merge_pixels
                      and valid[0] * valid[1] < original[0] * original[1])
-        merge_size = valid if large else original
-        masks = mask_logits_to_image(mask_logits, self.input_size, valid, merge_size, self.protocol)
+        merge_size = tuple(valid if large else original)
+        lowres = mask_logits.float()
+        upsample = BufferedUpsample(self.input_size, tuple(valid), merge_size,
+                                    *resize_alignment(self.input_size, self.protocol),
+                                    channels=CHUNK_QUERIES, device=lowres.device)
+        if active is None or shift_gap is None:
+            rows, cols = lowres_support(valid, self.input_size, tuple(lowres.shape[-2:]))
+            keep, shift_gap = pruning_plan(lowres[None], rows=rows, cols=cols)
+            active = keep[0].nonzero().squeeze(1)
         class_logits = class_logits.float()
-        pan = panoptic_postprocess(class_logits, masks, self.is_thing, self.cfg.eval)
+        probs = None
+        if self.semantic or self.instances:  # they need every active query; the panoptic merge shares them
+            passes = class_scores(class_logits, self.is_thing, self.cfg.eval)[3]
+            probs = query_probabilities(lowres, upsample, torch.cat([active, passes.nonzero().squeeze(1)]),
+                                        active=active, shift_gap=shift_gap)
+        pan = panoptic_postprocess_lowres(class_logits, lowres, upsample, merge_size, self.is_thing, self.cfg.eval,
+                                          active=active, probs=probs, shift_gap=shift_gap)
         id_map = _resize_nearest(pan.id_map, original).cpu()
         if tuple(merge_size) != tuple(original):
             areas = torch.bincount(id_map.flatten(), minlength=len(pan.segments_info) + 1).tolist()
@@ -341,11 +331,11 @@ class Predictor:
                              "isthing": s["isthing"], "score": s["score"], "area": s["area"]})
         semantic = None
         if self.semantic:
-            semantic = _resize_nearest(semantic_postprocess(class_logits, masks), original).cpu()
+            semantic = _resize_nearest(semantic_from_probabilities(class_logits, probs), original).cpu()
         inst = None
         inst_cats = None
         if self.instances:
-            inst = instance_postprocess(class_logits, masks, self.is_thing, self.cfg.eval, self.instance_topk)
+            inst = instance_from_probabilities(class_logits, probs, self.is_thing, self.cfg.eval, self.instance_topk)
             inst = InstancePrediction(masks=_resize_nearest(inst.masks, original).cpu(), scores=inst.scores.cpu(),
                                       labels=inst.labels.cpu())
             inst_cats = self.category_ids[inst.labels]

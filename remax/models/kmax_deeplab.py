@@ -23,15 +23,11 @@ from remax.models.kmax_decoder import KMaXTransformerDecoder
 from remax.models.layers import resize_bilinear
 from remax.models.pixel_decoder import KMaXPixelDecoder
 from remax.models.remask import ReMaskOptions, prior_bias, remask, stride_labels
+from remax.preprocessing import normalize_image  # noqa: F401 (re-exported: remax.models.normalize_image)
 
 log = logging.getLogger(__name__)
 
 TRAINING_HEADS = ("aux_semantic_head", "remask_heads")
-
-
-def normalize_image(x: Tensor) -> Tensor:
-    """Map RGB values in 0..255 to [-1, 1] (``x / 127.5 - 1``); pad *after* this so padding is exactly 0."""
-    return x.float() / 127.5 - 1.0
 
 
 class KMaXDeepLab(nn.Module):

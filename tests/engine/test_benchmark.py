@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,9 @@ def test_bench_restores_thread_count():
     (dict(iters=0), "iters"),
     (dict(peer="detr"), "unknown peer"),
     (dict(size=8), "too small"),
+    (dict(runtime="tensorrt"), "unknown runtime"),
+    (dict(merge_load="heavy"), "merge-load"),
+    (dict(checkpoint="/no/such/file.pt"), "not found"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, message):
     settings = BenchSettings(**{"preset": "nano", "size": 33, "warmup": 0, "iters": 1, **kwargs})
@@ -146,7 +150,7 @@ def test_cli_prints_protocol_then_figures(tmp_path, capsys):
                   "resize included", "post-processing included", "peak memory"):
         assert f"  {field} " in text, field
     assert text.index("protocol") < text.index("median ms")
-    assert "nano               model" in text and "nano               end_to_end" in text
+    assert "nano                   model" in text and "nano                   end_to_end" in text
     data = json.loads(out_json.read_text())
     assert data["preset"] == "nano" and data["protocol"]["image_size"] == [33, 33]
     model = data["measurements"][0]
@@ -182,3 +186,33 @@ def test_peer_mask2former_runs_offline_and_ratio_is_consistent(monkeypatch):
         ours, theirs = result.get("nano", stage), result.get("mask2former-r50", stage)
         assert result.ratios[stage] == pytest.approx(ours.images_per_s / theirs.images_per_s)
         assert math.isfinite(result.ratios[stage])
+
+
+def test_bench_trained_checkpoint_beside_onnxruntime_on_real_pictures(tmp_path):
+    """--checkpoint times real weights (segments kept are reported), --runtime onnxruntime adds the exported
+    network in the same run, and --images uses pictures instead of synthetic blocks."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (make test installs it)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
+    from inference_helpers import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "nano.pt")
+    photos = Path(__file__).resolve().parents[1] / "fixtures" / "coco_panoptic_sample" / "val2017"
+    result = run_benchmark(BenchSettings(preset="nano", size=65, warmup=0, iters=1, threads=1, checkpoint=str(ckpt),
+                                         runtime="onnxruntime", images=str(photos)))
+    assert [(m.subject, m.stage, m.runtime) for m in result.measurements] == [
+        ("nano", "model", "eager"), ("nano", "end_to_end", "eager"),
+        ("nano[onnxruntime]", "model", "onnxruntime"), ("nano[onnxruntime]", "end_to_end", "onnxruntime")]
+    eager, ort = result.get("nano", "end_to_end"), result.get("nano[onnxruntime]", "end_to_end")
+    assert eager.segments_per_image > 0 and ort.segments_per_image == eager.segments_per_image
+    assert set(result.runtime_ratios) == {"model", "end_to_end"}
+    assert result.runtime_ratios["model"] == pytest.approx(
+        result.get("nano[onnxruntime]", "model").images_per_s / result.get("nano", "model").images_per_s)
+    assert str(ckpt) in result.protocol.weights and str(photos) in result.protocol.images
+
+
+def test_trained_merge_load_makes_random_weights_keep_segments():
+    plain = run_benchmark(BenchSettings(preset="nano", size=65, warmup=0, iters=1, threads=1))
+    loaded = run_benchmark(BenchSettings(preset="nano", size=65, warmup=0, iters=1, threads=1, merge_load="trained"))
+    assert plain.get("nano", "end_to_end").segments_per_image == 0  # random class heads pass no threshold
+    assert loaded.get("nano", "end_to_end").segments_per_image >= 1
+    assert "confident queries" in loaded.protocol.merge_load
