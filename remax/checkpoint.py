@@ -146,5 +146,17 @@ def checkpoint_categories(state: dict[str, Any]) -> list[CategoryInfo]:
     return cats
 
 
+def model_categories(state: dict[str, Any], num_classes: int, where: str | os.PathLike) -> list[CategoryInfo]:
+    """The categories a checkpoint stores, or generic names with every class a thing (and a warning) when it stores
+    none; a one-line :class:`CheckpointError` when their number is not the model's class count."""
+    categories = checkpoint_categories(state)
+    if not categories:
+        log.warning("%s holds no categories; using generic names with every class a thing", where)
+        categories = [CategoryInfo(id=i + 1, name=f"class_{i}", isthing=True) for i in range(num_classes)]
+    if len(categories) != num_classes:
+        raise CheckpointError(f"{where}: {len(categories)} categories but the model has {num_classes} classes")
+    return categories
+
+
 def categories_to_state(categories: list[CategoryInfo]) -> list[dict[str, Any]]:
     return [dict(dataclasses.asdict(c), color=list(c.color)) for c in categories]

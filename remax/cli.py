@@ -20,6 +20,11 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def _add_set_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: config assignments ``section.field=value``."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 class CLIError(Exception):
     """An error to show the user as one line, without a traceback."""
 
@@ -108,7 +113,7 @@ def _add_config_parser(sub: argparse._SubParsersAction) -> None:
     show.add_argument("preset", help="model preset, e.g. nano, remax_t, kmax_r50")
     show.add_argument("--data", default=None, help="data preset: synthetic, coco, cityscapes, ade20k, custom")
     show.add_argument("--baseline", action="store_true", help="the kMaX-DeepLab baseline recipe (ReMaX off)")
-    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_set_option(show)
     show.set_defaults(func=_cmd_config_show)
 
 
@@ -308,8 +313,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: the preset's")
     p.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"], help="mixed precision")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set train.lr=0.001 (repeatable)")
+    _add_set_option(p, "override any config field, e.g. --set train.lr=0.001 (repeatable)")
     p.add_argument("--per-class", action="store_true",
                    help="also print the per-class PQ rows at the end (always in RUN/eval.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
@@ -496,8 +500,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("remax", "reference"), default=None,
                    help="pre-/post-processing: remax (the checkpoint's eval.protocol, by default remax) or "
                         "reference, as bytedance/kmax-deeplab evaluates (same as --set eval.protocol=reference)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    _add_set_option(p, "override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -574,8 +577,7 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlay", action="store_true", help="do not write overlay pictures")
     p.add_argument("--semantic", action="store_true", help="also write 16-bit semantic maps (category ids)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    _add_set_option(p, "override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
     p.set_defaults(func=_cmd_predict)
 
 
@@ -654,8 +656,7 @@ def _add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--share", action="store_true", help="also ask Gradio for a temporary public link (online)")
     p.add_argument("--examples", default=None, metavar="DIR",
                    help="folder of example images (default: the COCO and synthetic examples shipped with remax)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
+    _add_set_option(p, "override post-processing settings, e.g. eval.thing_threshold=0.5 (repeatable)")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -720,8 +721,7 @@ def _add_convert_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
                         "preset's, e.g. cityscapes for kmax_cityscapes_r50, coco for kmax_r50)")
     p.add_argument("--drop-training-heads", action="store_true",
                    help="drop the auxiliary semantic head (inference-only file); default: keep it for fine-tuning")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the stored config, e.g. model.input_size=[641,641] (repeatable)")
+    _add_set_option(p, "override a field of the stored config, e.g. model.input_size=[641,641] (repeatable)")
     p.set_defaults(func=_cmd_convert_checkpoint)
 
 
@@ -764,8 +764,7 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="PATH", help="file (.onnx / .pt2) or folder to write")
     p.add_argument("--dynamic-batch", action="store_true", help="a batch dimension of any size (default: 1)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against the eager network")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of the stored config, e.g. eval.thing_threshold=0.5 (repeatable)")
+    _add_set_option(p, "override a field of the stored config, e.g. eval.thing_threshold=0.5 (repeatable)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -785,7 +784,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {args.checkpoint} -> {report.path} ({report.format}, input {size}, {batch}, "
           f"{report.seconds:.1f} s)")
     if report.checked:
-        print("parity vs eager: " + ", ".join(f"{k} max |diff| {v:.2e}" for k, v in report.max_abs_diff.items()))
+        print(f"parity vs eager: {report.parity_line()}")
     return 0
 
 
@@ -823,8 +822,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
                    help="also export the network to ONNX and time it in ONNX Runtime (CPU) beside eager")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="use the first --batch pictures of DIR, resized to --size, instead of synthetic blocks")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. eval.stuff_threshold=0.3 (repeatable; stated in the protocol)")
+    _add_set_option(p, "override a config field, e.g. eval.stuff_threshold=0.3 (repeatable; stated in the protocol)")
     p.add_argument("--merge-load", default="none", choices=["none", "trained"],
                    help="random weights only: shape the outputs like a trained model's so the end-to-end stage "
                         "includes a realistic merge (see docs/benchmarks.md)")

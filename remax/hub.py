@@ -37,13 +37,14 @@ import torch
 from torch import Tensor
 
 from remax.checkpoint import (CheckpointError, CheckpointWriteError, _file_mode, _write_reason,
-                              categories_to_state, checkpoint_categories, first_line, load_with_config)
+                              categories_to_state, checkpoint_categories, first_line, load_with_config,
+                              model_categories)
 from remax.config import Config
 from remax.structures import CategoryInfo
 
 __all__ = ["WEIGHTS_NAME", "CONFIG_NAME", "CATEGORIES_NAME", "README_NAME", "FOLDER_FILES", "FORMAT_VERSION",
-           "is_model_folder", "save_model_folder", "export_folder", "load_model_folder", "resolve_pretrained",
-           "from_pretrained"]
+           "is_model_folder", "save_model_folder", "export_folder", "read_folder_config", "load_model_folder",
+           "resolve_pretrained", "from_pretrained"]
 
 log = logging.getLogger(__name__)
 
@@ -256,13 +257,7 @@ def export_folder(checkpoint: str | os.PathLike, out: str | os.PathLike, overrid
     path = Path(checkpoint)
     state, cfg = load_with_config(path, overrides)
     cfg = eval_config(cfg)
-    categories = checkpoint_categories(state)
-    if not categories:
-        log.warning("%s holds no categories; the folder gets generic names with every class a thing", path)
-        categories = [CategoryInfo(id=i + 1, name=f"class_{i}", isthing=True) for i in range(cfg.model.num_classes)]
-    if len(categories) != cfg.model.num_classes:
-        raise CheckpointError(f"{path}: {len(categories)} categories but the model has {cfg.model.num_classes} "
-                              f"classes")
+    categories = model_categories(state, cfg.model.num_classes, path)
     model = load_model_from_state(state, cfg, where=str(path))
     return save_model_folder(model.state_dict(), cfg, categories, out, source=_describe_source(path, state))
 
@@ -279,6 +274,18 @@ def _read_json(folder: Path, name: str) -> Any:
                               f"{exc.colno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{folder}: cannot read {name} ({first_line(exc)})") from None
+
+
+def read_folder_config(path: str | os.PathLike) -> tuple[dict[str, Any], Config]:
+    """A model folder's ``config.json``, as stored and as a :class:`Config` (one-line errors), without its weights."""
+    folder = Path(path)
+    raw_cfg = _read_json(folder, CONFIG_NAME)
+    if not isinstance(raw_cfg, dict):
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} holds a {type(raw_cfg).__name__}, not a config mapping")
+    try:
+        return raw_cfg, Config.from_dict(raw_cfg)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{folder}: {CONFIG_NAME} is not a remax config ({first_line(exc)})") from None
 
 
 def load_model_folder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -299,13 +306,7 @@ def load_model_folder(path: str | os.PathLike, map_location: str | torch.device 
                               f"pass a checkpoint file or a folder written by remax export --format folder")
     if missing:
         raise CheckpointError(f"{folder}: incomplete model folder, missing {', '.join(missing)}")
-    raw_cfg = _read_json(folder, CONFIG_NAME)
-    if not isinstance(raw_cfg, dict):
-        raise CheckpointError(f"{folder}: {CONFIG_NAME} holds a {type(raw_cfg).__name__}, not a config mapping")
-    try:
-        cfg = Config.from_dict(raw_cfg)
-    except (ValueError, TypeError) as exc:
-        raise CheckpointError(f"{folder}: {CONFIG_NAME} is not a remax config ({first_line(exc)})") from None
+    raw_cfg, cfg = read_folder_config(folder)
     raw_cats = _read_json(folder, CATEGORIES_NAME)
     try:
         if not isinstance(raw_cats, list):

@@ -432,14 +432,14 @@ def _load_subject(s: BenchSettings, input_side: int) -> tuple[nn.Module, Any, li
         except ValueError as exc:
             raise BenchError(str(exc)) from None
         return model, cfg, _coco_like_categories(cfg.model.num_classes)
-    from remax.checkpoint import CheckpointError
+    from remax.checkpoint import CheckpointError, first_line
     from remax.export import ExportError, load_for_export
 
     try:
         # Convolutional weights run at any input size; the benchmark's size replaces the checkpoint's.
         return load_for_export(s.checkpoint, [f"model.input_size=[{input_side},{input_side}]", *s.overrides])
     except (CheckpointError, ExportError, ValueError) as exc:
-        raise BenchError(str(exc).splitlines()[0]) from None
+        raise BenchError(first_line(exc)) from None
 
 
 def bench_images(s: BenchSettings, image_size: int) -> list[torch.Tensor]:
@@ -507,6 +507,11 @@ class TrainedShapeOutputs(nn.Module):
         return out
 
 
+def _segments_per_image(predictions: Any) -> float:
+    """Panoptic segments kept per image by the remax Predictor (eager or an exported runtime)."""
+    return sum(len(p.segments_info) for p in predictions) / max(len(predictions), 1)
+
+
 def _bench_remax(s: BenchSettings, device: torch.device, image_size: int, input_side: int,
                  result: BenchResult) -> None:
     from remax.inference.predictor import Predictor
@@ -542,12 +547,9 @@ def _bench_remax(s: BenchSettings, device: torch.device, image_size: int, input_
         with _autocast(device, s.precision):
             return predictor.predict_tensors(chw)
 
-    def count(preds: Any) -> float:
-        return sum(len(p.segments_info) for p in preds) / max(len(preds), 1)
-
     result.measurements.append(time_stage(end_to_end, subject=s.preset, stage="end_to_end", batch=s.batch,
                                           warmup=s.warmup, iters=s.iters, device=device, compiled=s.compile,
-                                          count_segments=count))
+                                          count_segments=_segments_per_image))
     del predictor, net
     _release_freed_memory()
     if s.runtime == "onnxruntime":
@@ -569,8 +571,6 @@ def _bench_onnxruntime(s: BenchSettings, model: nn.Module, cfg: Any, categories:
     from remax.inference.predictor import Predictor
     from remax.inference.runtime import OnnxRuntimeModel
 
-    if s.precision != "fp32" or s.compile or s.merge_load != "none":
-        raise BenchError("--runtime onnxruntime measures the fp32 network without --compile or --merge-load")
     subject = f"{s.preset}[onnxruntime]"
     with tempfile.TemporaryDirectory(prefix="remax-bench-") as tmp:
         path = Path(tmp) / "model.onnx"
@@ -586,13 +586,9 @@ def _bench_onnxruntime(s: BenchSettings, model: nn.Module, cfg: Any, categories:
                                               warmup=s.warmup, iters=s.iters, device=torch.device("cpu"),
                                               runtime="onnxruntime"))
         predictor = Predictor(runtime, cfg, categories, device="cpu", semantic=False, instances=False)
-
-        def count(preds: Any) -> float:
-            return sum(len(p.segments_info) for p in preds) / max(len(preds), 1)
-
         result.measurements.append(time_stage(lambda: predictor.predict_tensors(chw), subject=subject,
                                               stage="end_to_end", batch=s.batch, warmup=s.warmup, iters=s.iters,
-                                              device=torch.device("cpu"), count_segments=count,
+                                              device=torch.device("cpu"), count_segments=_segments_per_image,
                                               runtime="onnxruntime"))
         del predictor, runtime
 
@@ -797,6 +793,8 @@ def run_benchmark(settings: BenchSettings,
         raise BenchError(f"unknown runtime {s.runtime!r}; choose from {', '.join(RUNTIMES)}")
     if s.runtime == "onnxruntime" and s.device != "cpu":
         raise BenchError("--runtime onnxruntime is measured on the CPU (the CPU build of onnxruntime)")
+    if s.runtime == "onnxruntime" and (s.precision != "fp32" or s.compile or s.merge_load != "none"):
+        raise BenchError("--runtime onnxruntime measures the fp32 network without --compile or --merge-load")
     if s.merge_load not in MERGE_LOADS:
         raise BenchError(f"--merge-load must be one of {', '.join(MERGE_LOADS)}, got {s.merge_load!r}")
     if s.merge_load == "trained" and s.checkpoint is not None:

@@ -13,9 +13,9 @@ per-pixel maximum by more than ``margin`` everywhere: its softmax term is under 
 term. With the default margin of 30 (``exp(-30) ≈ 1e-13``, times 128 queries still far below float32's 6e-8
 half-ulp) dropping those terms changes the denominator only at float32 rounding level, and such a query's own
 probability stays below the 0.4 pixel threshold, so it owns no pixel and contributes nothing to any mask score.
-The upsampling of the kept queries is the same call on a subset of channels: bitwise the logits of the full
-upsampling for an image that fits the input (one resize), equal up to float32 rounding when a second resize back
-to the original size follows (that kernel vectorises over channels).
+The upsampling of the kept queries is the same call on a subset of channels: the same logits as the full
+upsampling up to float32 rounding (the bilinear kernel's last bit can depend on how many channels it resizes at
+once: one ulp, seen with one thread on an Intel Xeon; usually bitwise).
 """
 
 from __future__ import annotations

@@ -80,12 +80,22 @@ def class_scores(class_logits: torch.Tensor, is_thing: torch.Tensor,
     return score_cls, labels, query_is_thing, passes
 
 
+def _binary_masks(probs: torch.Tensor, cfg: EvalConfig,
+                  reference: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Binary masks ``probs > pixel threshold`` of ``M`` queries (``M×HW``), their pixel counts and the mean
+    probability inside each (0 for an empty mask; divided by ``pixels + 1e-6`` as the reference's instance output
+    does when ``reference``)."""
+    binary = (probs > cfg.pixel_confidence_threshold).flatten(1)
+    own = binary.sum(dim=1)
+    inside = (probs.flatten(1) * binary).sum(dim=1)
+    mask_score = inside / (own + 1e-6) if reference else inside / own.clamp(min=1)
+    return binary, own, mask_score
+
+
 def _mask_ranking(probs: torch.Tensor, score_cls: torch.Tensor,
                   cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Binary masks (``M×HW``), own pixel counts and the ranking ``score^a · mask_score^b`` of ``M`` queries."""
-    binary = (probs > cfg.pixel_confidence_threshold).flatten(1)
-    own_pixels = binary.sum(dim=1)
-    mask_score = (probs.flatten(1) * binary).sum(dim=1) / own_pixels.clamp(min=1)
+    binary, own_pixels, mask_score = _binary_masks(probs, cfg)
     ranking = score_cls.pow(cfg.reorder_class_weight) * mask_score.pow(cfg.reorder_mask_weight)
     return binary, own_pixels, ranking
 
@@ -198,10 +208,15 @@ def semantic_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     Works on chunks of pixels so that the ``K×H×W`` score volume never exists at once for large images.
     """
     p_cls, p_mask = class_and_mask_probabilities(class_logits, mask_logits)
-    n, h, w = p_mask.shape
-    flat = p_mask.reshape(n, h * w)
-    out = torch.empty(h * w, dtype=torch.int64, device=p_mask.device)
-    p_cls_t = p_cls.t()  # K×N
+    return _semantic_argmax(p_cls, p_mask, chunk_pixels)
+
+
+def _semantic_argmax(p_cls: torch.Tensor, probs: torch.Tensor, chunk_pixels: int) -> torch.Tensor:
+    """argmax_c Σ_i p_cls(i, c) · probs(i, x) for ``M`` queries (``M×K`` and ``M×H×W``), by chunks of pixels."""
+    m, h, w = probs.shape
+    flat = probs.reshape(m, h * w)
+    out = torch.empty(h * w, dtype=torch.int64, device=probs.device)
+    p_cls_t = p_cls.t()  # K×M
     for start in range(0, h * w, chunk_pixels):
         out[start:start + chunk_pixels] = (p_cls_t @ flat[:, start:start + chunk_pixels]).argmax(dim=0)
     return out.view(h, w)
@@ -212,13 +227,7 @@ def semantic_from_probabilities(class_logits: torch.Tensor, probs: QueryProbabil
     """:func:`semantic_postprocess` over the queries of ``probs`` (which must hold every active query: the others
     weigh under ``exp(-margin)`` at every pixel)."""
     p_cls = class_logits.float().softmax(dim=-1)[:, :-1]
-    h, w = probs.probs.shape[1:]
-    flat = probs.probs.reshape(-1, h * w)
-    p_cls_t = p_cls[probs.queries].t()  # K×M
-    out = torch.empty(h * w, dtype=torch.int64, device=flat.device)
-    for start in range(0, h * w, chunk_pixels):
-        out[start:start + chunk_pixels] = (p_cls_t @ flat[:, start:start + chunk_pixels]).argmax(dim=0)
-    return out.view(h, w)
+    return _semantic_argmax(p_cls[probs.queries], probs.probs, chunk_pixels)
 
 
 def _instance_pairs(p_cls: torch.Tensor, thing_mask: torch.Tensor, topk: int,
@@ -237,6 +246,12 @@ def _instance_pairs(p_cls: torch.Tensor, thing_mask: torch.Tensor, topk: int,
     return top_probs, flat_index // thing_ids.numel(), thing_ids[flat_index % thing_ids.numel()]
 
 
+def _no_instances(h: int, w: int, device: torch.device) -> InstancePrediction:
+    return InstancePrediction(masks=torch.zeros(0, h, w, dtype=torch.bool, device=device),
+                              scores=torch.zeros(0, device=device),
+                              labels=torch.zeros(0, dtype=torch.int64, device=device))
+
+
 def instance_from_probabilities(class_logits: torch.Tensor, probs: QueryProbabilities, is_thing: torch.Tensor,
                                 cfg: EvalConfig | None = None, topk: int = 100) -> InstancePrediction:
     """:func:`instance_postprocess` from the probabilities of the active queries: a query outside ``probs`` stays
@@ -248,20 +263,15 @@ def instance_from_probabilities(class_logits: torch.Tensor, probs: QueryProbabil
     h, w = probs.probs.shape[1:]
     device = probs.probs.device
     if not bool(thing_mask.any()) or topk <= 0:
-        return InstancePrediction(masks=torch.zeros(0, h, w, dtype=torch.bool, device=device),
-                                  scores=torch.zeros(0, device=device),
-                                  labels=torch.zeros(0, dtype=torch.int64, device=device))
+        return _no_instances(h, w, device)
     top_probs, queries, labels = _instance_pairs(p_cls, thing_mask, topk, reference)
     row_of = torch.full((p_cls.shape[0],), -1, dtype=torch.int64, device=device)
     row_of[probs.queries] = torch.arange(probs.queries.numel(), device=device)
     rows = row_of[queries]
     present = rows >= 0
-    binary = probs.probs > cfg.pixel_confidence_threshold
-    own = binary.flatten(1).sum(1)
-    inside = (probs.probs.flatten(1) * binary.flatten(1)).sum(1)
-    mask_score = inside / (own + 1e-6) if reference else inside / own.clamp(min=1)
+    binary, _, mask_score = _binary_masks(probs.probs, cfg, reference)
     masks = torch.zeros(queries.numel(), h, w, dtype=torch.bool, device=device)
-    masks[present] = binary[rows[present]]
+    masks[present] = binary[rows[present]].view(-1, h, w)
     scores = torch.zeros_like(top_probs)
     scores[present] = top_probs[present] * mask_score[rows[present]]
     return InstancePrediction(masks=masks, scores=scores, labels=labels)
@@ -282,12 +292,8 @@ def instance_postprocess(class_logits: torch.Tensor, mask_logits: torch.Tensor, 
     thing_mask = torch.as_tensor(is_thing, dtype=torch.bool).to(p_cls.device)
     h, w = p_mask.shape[1:]
     if not bool(thing_mask.any()) or topk <= 0:
-        return InstancePrediction(masks=torch.zeros(0, h, w, dtype=torch.bool, device=p_mask.device),
-                                  scores=torch.zeros(0, device=p_mask.device),
-                                  labels=torch.zeros(0, dtype=torch.int64, device=p_mask.device))
+        return _no_instances(h, w, p_mask.device)
     top_probs, queries, labels = _instance_pairs(p_cls, thing_mask, topk, reference)
-    binary = p_mask > cfg.pixel_confidence_threshold
-    own = binary.flatten(1).sum(1)
-    inside = (p_mask.flatten(1) * binary.flatten(1)).sum(1)
-    mask_score = inside / (own + 1e-6) if reference else inside / own.clamp(min=1)
-    return InstancePrediction(masks=binary[queries], scores=top_probs * mask_score[queries], labels=labels)
+    binary, _, mask_score = _binary_masks(p_mask, cfg, reference)
+    return InstancePrediction(masks=binary[queries].view(-1, h, w), scores=top_probs * mask_score[queries],
+                              labels=labels)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from remax.checkpoint import CheckpointError, checkpoint_categories, load_with_config
+from remax.checkpoint import CheckpointError, load_with_config, model_categories
 from remax.config import Config
 from remax.preprocessing import (check_protocol, preprocess, reference_crop, reference_resized_shape,  # noqa: F401
                                  resize_uint8_pil, resized_shape)
@@ -180,14 +180,7 @@ class Predictor:
         Raises :class:`~remax.checkpoint.CheckpointError` for missing, unreadable or mismatching checkpoints.
         """
         state, cfg = load_with_config(path, overrides)
-        categories = checkpoint_categories(state)
-        if not categories:
-            log.warning("%s holds no categories; using generic names with every class a thing", path)
-            categories = [CategoryInfo(id=i + 1, name=f"class_{i}", isthing=True)
-                          for i in range(cfg.model.num_classes)]
-        if len(categories) != cfg.model.num_classes:
-            raise CheckpointError(f"{path}: {len(categories)} categories but the model has "
-                                  f"{cfg.model.num_classes} classes")
+        categories = model_categories(state, cfg.model.num_classes, path)
         model = load_model_from_state(state, cfg, where=str(path))
         return cls(model, cfg, categories, device=device, **kwargs)
 

@@ -16,11 +16,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from remax.checkpoint import CheckpointError
+from remax.checkpoint import CheckpointError, first_line
+from remax.export import METADATA_KEYS, OUTPUT_NAMES
 
 log = logging.getLogger(__name__)
-
-OUTPUT_NAMES = ("pred_logits", "pred_masks")
 
 
 class OnnxRuntimeModel:
@@ -46,8 +45,7 @@ class OnnxRuntimeModel:
             self.session = ort.InferenceSession(str(self.path), sess_options=options,
                                                 providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as exc:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise CheckpointError(f"{self.path}: not a readable ONNX model ({str(exc).strip().splitlines()[0]})") \
-                from None
+            raise CheckpointError(f"{self.path}: not a readable ONNX model ({first_line(exc)})") from None
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -70,12 +68,10 @@ class ExportedProgramModel:
     """A ``torch.export`` program saved by ``remax export --format torch-export`` (``torch.export.load``)."""
 
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu") -> None:
-        from remax.export import export_metadata_keys
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such exported program")
-        extra = {key: "" for key in export_metadata_keys()}
+        extra = {key: "" for key in METADATA_KEYS}
         if not zipfile.is_zipfile(self.path):
             raise CheckpointError(f"{self.path}: not a readable torch.export program (not a .pt2 zip archive)")
         # torch logs its own warning (with a traceback) before raising on a damaged archive; the error below says it
@@ -87,8 +83,7 @@ class ExportedProgramModel:
             with open(self.path, "rb") as f:
                 program = torch.export.load(f, extra_files=extra)
         except Exception as exc:  # a zip or pickle error of any kind: one line naming the file
-            raise CheckpointError(f"{self.path}: not a readable torch.export program "
-                                  f"({str(exc).strip().splitlines()[0]})") from None
+            raise CheckpointError(f"{self.path}: not a readable torch.export program ({first_line(exc)})") from None
         finally:
             export_log.setLevel(level)
         self.metadata = {k: v for k, v in extra.items() if v}
@@ -102,5 +97,4 @@ class ExportedProgramModel:
         return self
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, masks = self.module(images)
-        return {"pred_logits": logits, "pred_masks": masks}
+        return dict(zip(OUTPUT_NAMES, self.module(images), strict=True))

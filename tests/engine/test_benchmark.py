@@ -125,6 +125,7 @@ def test_bench_restores_thread_count():
     (dict(size=8), "too small"),
     (dict(runtime="tensorrt"), "unknown runtime"),
     (dict(merge_load="heavy"), "merge-load"),
+    (dict(runtime="onnxruntime", merge_load="trained"), "without --compile or --merge-load"),  # before timing
     (dict(checkpoint="/no/such/file.pt"), "not found"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, message):
