@@ -13,7 +13,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 
@@ -60,20 +60,27 @@ def _write_reason(exc: BaseException) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` through a temporary file and an atomic rename.
+    """Write ``state`` to ``path`` through a temporary file and an atomic rename (:func:`write_atomically`)."""
+    return write_atomically(path, lambda f: torch.save(state, f), "checkpoint")
 
-    A failed write (full disk, quota, permissions) removes the temporary file, leaves any previous ``path``
-    untouched and raises :class:`CheckpointWriteError` naming ``path``. The file gets the mode the umask gives.
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], what: str = "file") -> Path:
+    """Run ``write`` on a temporary file beside ``path``, then rename it onto ``path``.
+
+    A failed or interrupted write (full disk, quota, permissions, Ctrl-C) removes the temporary file and leaves
+    any previous ``path`` untouched; disk and permission failures raise :class:`CheckpointWriteError` naming
+    ``path`` (``what`` says what it is). The file gets the mode the umask gives.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)  # reopened by name: writers such as onnx.save_model read the file object's name
     except OSError as exc:
-        raise CheckpointWriteError(f"cannot write checkpoint {path}: {_write_reason(exc)}") from exc
+        raise CheckpointWriteError(f"cannot write {what} {path}: {_write_reason(exc)}") from exc
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _file_mode())
@@ -82,8 +89,8 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, (OSError, RuntimeError)):
-            kept = "; the previous checkpoint there is kept" if path.exists() else ""
-            raise CheckpointWriteError(f"cannot write checkpoint {path}: {_write_reason(exc)}{kept}") from exc
+            kept = f"; the previous {what} there is kept" if path.exists() else ""
+            raise CheckpointWriteError(f"cannot write {what} {path}: {_write_reason(exc)}{kept}") from exc
         raise
     return path
 

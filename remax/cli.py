@@ -7,10 +7,14 @@ library code lazily so that ``remax --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import re
+import signal
 import sys
+from collections.abc import Iterator
+from typing import Any
 
 log = logging.getLogger("remax")
 
@@ -23,6 +27,19 @@ def _setup_logging(verbose: bool) -> None:
 def _add_set_option(parser: argparse.ArgumentParser, help: str | None = None) -> None:
     """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: config assignments ``section.field=value``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block, so it unwinds (and cleans up) as Ctrl-C does."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class CLIError(Exception):
@@ -433,7 +450,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _report_training(args: argparse.Namespace, run_dir: "Path", result: dict) -> int:
     """Print how a run ended; exit 0 whenever the checkpoint is saved, 128 + signal when nothing was."""
-    import signal
 
     minutes = result["wall_time_s"] / 60
     if result.get("stopped_in") == "setup":
@@ -773,8 +789,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from remax.export import ExportError, export_checkpoint
 
     try:
-        report = export_checkpoint(args.checkpoint, args.format, args.out, dynamic_batch=args.dynamic_batch,
-                                   check=not args.no_check, overrides=args.overrides)
+        with _sigterm_as_interrupt():  # a killed export stops like Ctrl-C: temporary files removed, nothing written
+            report = export_checkpoint(args.checkpoint, args.format, args.out, dynamic_batch=args.dynamic_batch,
+                                       check=not args.no_check, overrides=args.overrides)
     except CheckpointError as exc:
         raise CLIError(first_line(exc)) from None
     except (ExportError, OSError, ValueError, ImportError) as exc:

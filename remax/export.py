@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from remax.checkpoint import CheckpointError, categories_to_state, checkpoint_categories, first_line
+from remax.checkpoint import (CheckpointError, categories_to_state, checkpoint_categories, first_line,
+                              write_atomically)
 from remax.config import Config
 from remax.structures import CategoryInfo
 
@@ -197,9 +198,7 @@ def export_onnx(model: torch.nn.Module, cfg: Config, categories: list[CategoryIn
     for key, value in export_metadata(cfg, categories, source).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    tmp = out.with_name(f".{out.name}.tmp")
-    onnx.save_model(proto, str(tmp))
-    os.replace(tmp, out)
+    write_atomically(out, lambda f: onnx.save_model(proto, f), "ONNX file")
     report = ExportReport(path=out, format="onnx", input_size=input_size, dynamic_batch=dynamic_batch,
                           seconds=time.perf_counter() - t0)
     if check:
@@ -220,9 +219,8 @@ def export_program(model: torch.nn.Module, cfg: Config, categories: list[Categor
             program = torch.export.export(wrapped, (x,), dynamic_shapes=dynamic)
     except Exception as exc:
         raise ExportError(f"torch.export failed: {first_line(exc)}") from exc
-    tmp = out.with_name(f".{out.stem}.tmp.pt2")  # torch.export.save warns unless the name ends in .pt2
-    torch.export.save(program, str(tmp), extra_files=export_metadata(cfg, categories, source))
-    os.replace(tmp, out)
+    extra = export_metadata(cfg, categories, source)
+    write_atomically(out, lambda f: torch.export.save(program, f, extra_files=extra), "exported program")
     report = ExportReport(path=out, format="torch-export", input_size=input_size, dynamic_batch=dynamic_batch,
                           seconds=time.perf_counter() - t0)
     if check:

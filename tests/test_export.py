@@ -211,3 +211,41 @@ def test_export_cli_program_and_folder(tmp_path, capsys):
                  str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("remax: error:") and "not found" in err and len(err.splitlines()) == 1
+
+
+def test_sigterm_during_the_write_stops_cleanly(tmp_path, monkeypatch, capsys):
+    """A killed export unwinds like Ctrl-C: exit 130, one line, no output file and no temporary file left."""
+    import os
+    import signal
+    import time
+
+    real_save = torch.export.save
+
+    def killed_save(program, f, **kwargs):
+        real_save(program, f, **kwargs)  # a partly written file is on disk when the signal comes
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("the signal did not stop the export")
+
+    monkeypatch.setattr(torch.export, "save", killed_save)
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out" / "m.pt2"
+    assert main(["export", "--checkpoint", str(TRAINED), "--format", "torch-export", "--out", str(out),
+                 "--no-check"]) == 130
+    assert capsys.readouterr().err.strip() == "remax: interrupted"
+    assert list((tmp_path / "out").iterdir()) == [] and signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    def full_disk(proto, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    out = tmp_path / "out" / "m.onnx"
+    assert main(["export", "--checkpoint", str(TRAINED), "--format", "onnx", "--out", str(out), "--no-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"remax: error: cannot write ONNX file {out}: no space left on the device"
+    assert list((tmp_path / "out").iterdir()) == []
